@@ -1,0 +1,130 @@
+"""The `lmforge` command line: a thin layer over the Python API.
+
+Commands are listed by roadmap stage. Each command lives in a small `commands.py` module next
+to the code it drives and is imported only when used, so `lmforge --help` stays instant.
+A command module exposes `configure(parser)`, which adds arguments and sets `func(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    summary: str
+
+
+# (roadmap stage, commands). The order here is the order of `lmforge --help`.
+STAGES: list[tuple[str, list[Command]]] = [
+    ("Stage 2 - tokenizers and data", [
+        Command("tokenizer", "lmforge.tokenizer.commands", "train, inspect and compare byte-level BPE tokenizers"),
+        Command("data", "lmforge.data.commands", "turn a corpus into token shards for training"),
+    ]),
+    ("Stage 1-2 - models (GPT, BERT, Llama) and how they work", [
+        Command("model", "lmforge.model.commands", "parameter counts, FLOPs and memory of a model"),
+        Command("convert", "lmforge.model.convert_command", "convert between lmforge, Hugging Face and GGUF formats"),
+        Command("inspect", "lmforge.labs.commands", "attention heatmaps and a model's inputs/outputs"),
+    ]),
+    ("Stage 3 - pretraining", [
+        Command("pretrain", "lmforge.train.commands", "pretrain a GPT (causal LM) or BERT (masked LM)"),
+        Command("speedrun", "lmforge.train.speedrun", "tokenizer -> shards -> pretrain -> eval -> report, on a CPU"),
+        Command("runs", "lmforge.track.commands", "list runs and plot their curves"),
+    ]),
+    ("Stage 6 - inference and deployment", [
+        Command("generate", "lmforge.infer.commands", "generate text from a prompt"),
+        Command("chat", "lmforge.infer.chat_command", "chat with a model in the terminal"),
+        Command("serve", "lmforge.serve.commands", "OpenAI-compatible HTTP API with continuous batching"),
+        Command("web", "lmforge.serve.web_command", "Gradio web chat demo"),
+    ]),
+]
+
+COMMANDS = {command.name: command for _, commands in STAGES for command in commands}
+
+
+def _available(command: Command) -> bool:
+    return importlib.util.find_spec(command.module) is not None
+
+
+def top_level_help() -> str:
+    lines = [
+        "usage: lmforge COMMAND [options]   (lmforge COMMAND --help for details and an example)",
+        "",
+        "lmforge: a hands-on LLM lab, from BPE to a served chat model.",
+    ]
+    for stage, commands in STAGES:
+        shown = [c for c in commands if _available(c)]
+        if not shown:
+            continue
+        lines += ["", f"{stage}:"]
+        lines += [f"  {c.name:<11} {c.summary}" for c in shown]
+    lines += ["", "Start with `make demo` (runs `lmforge speedrun`)."]
+    return "\n".join(lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep example blocks as written and show defaults."""
+
+
+def make_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A parser whose --help ends with a runnable example."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=f"example:\n  {example}",
+                                   formatter_class=HelpFormatter)
+
+
+def add_subparser(subparsers, name: str, description: str, example: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=description, description=description,
+                                 epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+
+
+def build_command_parser(name: str) -> argparse.ArgumentParser:
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=command.summary,
+                                     formatter_class=HelpFormatter)
+    module.configure(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"lmforge {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS or not _available(COMMANDS[name]):
+        print(f"lmforge: error: unknown command '{name}'; run `lmforge --help` to see the commands", file=sys.stderr)
+        return 2
+    try:
+        parser = build_command_parser(name)
+        args = parser.parse_args(argv[1:])
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"lmforge {name}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `lmforge ... | head` closes stdout early; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename.
+
+A crash or kill mid-write leaves the previous file intact (rename is atomic on POSIX).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from .errors import UserError
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and parents) and check we can write there, with a clear error if not."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise UserError(
+            f"cannot write to output directory '{directory}' ({error.strerror or error}); "
+            "choose a writable path with --out or fix its permissions"
+        ) from None
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary sibling of `path` for writing; on success rename it over `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write (by any library); on success rename it over `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=indent, ensure_ascii=False)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read JSON with a clear error naming the file on failure."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{what} '{file}' does not exist; check the path")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} '{file}' is not valid JSON ({error}); regenerate or fix it") from None

@@ -1,0 +1,75 @@
+"""The CLI framework: grouped help, unknown commands, user errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lmforge import cli
+from lmforge.config import build_config, parse_overrides
+from lmforge.errors import UserError
+
+import dataclasses
+import pytest
+
+
+def test_help_lists_stages(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: lmforge COMMAND" in out
+    assert "Stage" in out
+
+
+def test_unknown_command_exits_2(capsys):
+    assert cli.main(["no-such-command"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_every_registered_command_has_help_with_example():
+    for name, command in cli.COMMANDS.items():
+        if not cli._available(command):
+            continue
+        parser = cli.build_command_parser(name)
+        text = parser.format_help()
+        subactions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if subactions:
+            for sub_name, sub in subactions[0].choices.items():
+                assert "example:" in sub.format_help(), f"lmforge {name} {sub_name} --help has no example"
+        else:
+            assert "example:" in text, f"lmforge {name} --help has no example"
+
+
+@dataclasses.dataclass
+class _Inner:
+    width: int = 4
+
+
+@dataclasses.dataclass
+class _Outer:
+    lr: float = 1e-3
+    name: str = "x"
+    use_ema: bool = False
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_overrides_coerce_and_nest():
+    config = build_config(_Outer, overrides=["lr=3e-4", "use_ema=true", "inner.width=8"])
+    assert config.lr == 3e-4 and config.use_ema is True and config.inner.width == 8
+    assert parse_overrides(["a.b=1"]) == {"a": {"b": "1"}}
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UserError) as error:
+        build_config(_Outer, overrides=["lrr=1"])
+    message = str(error.value)
+    assert "unknown config key 'lrr'" in message and "did you mean 'lr'" in message
+    assert "inner.width" in message
+
+
+def test_bad_value_type_is_clear():
+    with pytest.raises(UserError, match="expects int"):
+        build_config(_Outer, overrides=["inner.width=abc"])
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "lmforge" in result.stdout
