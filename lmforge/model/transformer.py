@@ -1,0 +1,154 @@
+"""The transformer trunk shared by GPT and BERT: embeddings -> N blocks -> (final norm).
+
+GPT and BERT differ only by config (causal vs bidirectional mask, pre- vs post-norm, position
+scheme) and by the heads they put on top of the trunk (gpt.py, bert.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from .attention import Attention, AttentionMask, CacheStep
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .mlp import MixtureOfExperts, build_mlp
+from .norms import build_norm
+from .positions import RotaryEmbedding, alibi_slopes, sinusoidal_table
+
+
+class Block(nn.Module):
+    """One layer. Pre-norm: x + f(norm(x)) (stable deep training, GPT-2/Llama).
+    Post-norm: norm(x + f(x)) (the original Transformer and BERT)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+        self.mlp = build_mlp(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: RotaryEmbedding | None,
+                positions: torch.Tensor, cache_step: CacheStep | None = None) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]."""
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), mask, rotary, positions, cache_step))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, rotary, positions, cache_step)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Token (+ position, + token-type) embeddings, the blocks, and the final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.embed_token_types = nn.Embedding(config.type_vocab_size, config.d_model) if config.arch == "bert" else None
+        if config.position == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(config.max_seq_len, config.d_model), persistent=False)
+        self.embedding_norm = (build_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+                               if config.embedding_norm else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_interleaved, config.max_seq_len)
+                       if config.position == "rope" else None)
+        if config.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
+        self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
+        self.final_norm = (build_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+                           if config.final_norm else None)
+        self.gradient_checkpointing = False  # recompute block activations in backward to save memory
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, T]; attention_mask: [B, T] (1 = token, 0 = right padding) -> hidden [B, T, d_model]."""
+        batch, length = input_ids.shape
+        if kv_cache is not None:
+            positions, new_lengths, key_length = kv_cache.plan(cache_rows, length, attention_mask)
+            cache_step = CacheStep(kv_cache, cache_rows, positions, key_length)
+        else:
+            if length > self.config.max_seq_len and self.config.position in ("learned", "sinusoidal"):
+                raise UserError(f"the input has {length} tokens but the model's context is {self.config.max_seq_len}; "
+                                "truncate the input")
+            positions = torch.arange(length, device=input_ids.device)[None]   # [1, T]
+            key_length, cache_step = length, None
+        mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None)
+
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        elif self.config.position == "sinusoidal":
+            x = x + self.sinusoidal[positions].to(x.dtype)
+        if self.embed_token_types is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.embed_token_types(types)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        x = self.dropout(x)
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, mask, self.rotary, positions, cache_step, use_reentrant=False)
+            else:
+                x = block(x, mask, self.rotary, positions, cache_step)
+        if kv_cache is not None:
+            kv_cache.commit(cache_rows, new_lengths)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def attention_mask(self, positions: torch.Tensor, key_length: int, padding: torch.Tensor | None,
+                       cached: bool) -> AttentionMask:
+        """Build the mask once per forward; every layer shares it.
+
+        The common training case (no padding, no cache, no window, no ALiBi) passes no tensor at
+        all and lets SDPA apply causality itself, which is its fastest path.
+        """
+        config = self.config
+        if not cached and padding is None and config.sliding_window is None and config.position != "alibi":
+            return AttentionMask(None, is_causal=config.is_causal)
+        key_positions = torch.arange(key_length, device=positions.device)
+        query_positions = positions[:, :, None]                                   # [B|1, T, 1]
+        allowed = torch.ones(1, 1, 1, dtype=torch.bool, device=positions.device)
+        if config.is_causal:
+            allowed = key_positions <= query_positions                            # [B|1, T, S]
+        if config.sliding_window is not None:
+            allowed = allowed & (query_positions - key_positions < config.sliding_window)
+        if padding is not None and not cached:
+            allowed = allowed & padding[:, None, :].bool()
+        # A query always sees itself, so fully padded rows never produce NaN (their output is ignored).
+        allowed = (allowed | (key_positions == query_positions))[:, None]        # [B|1, 1, T, S]
+        if config.position != "alibi":
+            return AttentionMask(allowed, is_causal=False)
+        distance = (query_positions - key_positions).abs().float()[:, None]      # [B|1, 1, T, S]
+        bias = -self.alibi_slopes[None, :, None, None].to(distance.device) * distance
+        return AttentionMask(bias.masked_fill(~allowed, float("-inf")), is_causal=False)
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [block.mlp.aux_loss for block in self.blocks
+                  if isinstance(block.mlp, MixtureOfExperts) and block.mlp.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """Normal(0, init_std) for matrices and embeddings, zero biases, unit norms.
+
+    GPT-2's scaled init: the projections that write into the residual stream (attention out, MLP
+    down) get std / sqrt(2 * n_layers), so the residual's variance does not grow with depth.
+    """
+    residual_std = config.init_std / math.sqrt(2 * config.n_layers) if config.scaled_residual_init else config.init_std
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = residual_std if name.endswith((".attn.out", ".down")) else config.init_std
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
