@@ -1,1 +1,40 @@
-"""lmforge.data"""
+"""lmforge.data: corpora -> token shards (train.bin / val.bin / meta.json) -> CLM and MLM batches.
+
+    from lmforge.data import prepare_shards, CausalLMLoader
+    prepare_shards("shakespeare", "runs/tokenizer", "data/shakespeare")
+    batch = CausalLMLoader("data/shakespeare", "train", batch_size=8, seq_len=128, seed=0).next_batch()
+
+Names are imported on first use, so importing the package (e.g. for the CLI) does not load torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "open_corpus": "lmforge.data.corpora",
+    "Corpus": "lmforge.data.corpora",
+    "Document": "lmforge.data.corpora",
+    "prepare_shards": "lmforge.data.shards",
+    "describe_shards": "lmforge.data.shards",
+    "check_shards": "lmforge.data.shards",
+    "read_meta": "lmforge.data.shards",
+    "open_tokens": "lmforge.data.shards",
+    "token_dtype": "lmforge.data.shards",
+    "ShardMeta": "lmforge.data.shards",
+    "SplitStats": "lmforge.data.shards",
+    "CausalLMLoader": "lmforge.data.loaders",
+    "MaskedLMLoader": "lmforge.data.loaders",
+    "Masking": "lmforge.data.loaders",
+    "iter_eval_batches": "lmforge.data.loaders",
+    "IGNORE_INDEX": "lmforge.data.loaders",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lmforge.data' has no attribute {name!r}")

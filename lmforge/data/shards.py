@@ -1,0 +1,450 @@
+"""Token shards: a corpus -> DIR/train.bin, DIR/val.bin and DIR/meta.json.
+
+    meta = prepare_shards("shakespeare", "runs/tokenizer", "data/shakespeare")
+    print(describe_shards("data/shakespeare"))
+
+Each .bin file is a flat array of token ids (uint16 when the vocabulary has fewer than 65,536
+entries, uint32 otherwise) with the end-of-text token between documents:
+
+    doc0 <eot> doc1 <eot> doc2
+
+Validation holds out whole documents (whole plays for Shakespeare), chosen deterministically, so
+validation text is never seen in training. meta.json records the tokenizer's fingerprint (so a
+shard is never read with another tokenizer), the dtype, and token, document and UTF-8 byte counts
+per split (bytes turn a loss in nats/token into bits per byte).
+
+Nothing half-written: both .bin files are streamed to temporary files and renamed only once
+complete, and meta.json -- the file that makes a directory a shard set -- is removed before the
+renames and written last. Tokenization runs in a process pool over bounded batches of text, so
+memory holds a few batches and one document, never the corpus.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import regex
+
+from ..errors import UserError
+from ..io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from .corpora import Corpus, open_corpus
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+# Long documents are tokenized in pieces, so one huge file still spreads over the pool. Pieces end
+# after a letter that is followed by whitespace: no GPT-2 or GPT-4 style pretoken spans that point
+# (a letter run ends there and the next piece starts at the whitespace), so the cut changes no token.
+PIECE_CHARS = 1 << 18
+_SAFE_CUT = regex.compile(r"(?r)\p{L}(?=\s)")  # searched backwards: the last safe cut in a window
+# Characters per pool task: big enough to amortize inter-process transfer, small enough to balance.
+TASK_CHARS = 1 << 18
+# How many names of held-out documents meta.json lists (more would bloat it for record corpora).
+MAX_LISTED_VAL_DOCUMENTS = 100
+
+
+# ---------------------------------------------------------------- meta.json
+
+@dataclass
+class SplitStats:
+    """Counts for one split. `tokens` includes the end-of-text tokens between documents."""
+
+    file: str
+    tokens: int = 0
+    documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents' text (separators excluded)
+    max_token_id: int = -1
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+
+@dataclass
+class ShardMeta:
+    """The contents of meta.json."""
+
+    tokenizer_fingerprint: str
+    tokenizer: str  # the tokenizer argument given to `prepare` (for error messages)
+    vocab_size: int
+    dtype: str  # "uint16" | "uint32"
+    eot_id: int
+    special_tokens: dict[str, int]
+    source: dict[str, Any]
+    val_fraction: float
+    train: SplitStats
+    val: SplitStats
+    val_document_names: list[str] | None  # None when more than MAX_LISTED_VAL_DOCUMENTS
+    created_at: str
+    lmforge_version: str
+    format_version: int = FORMAT_VERSION
+
+    def split(self, name: str) -> SplitStats:
+        if name not in SPLITS:
+            raise UserError(f"split '{name}' does not exist; use one of: {', '.join(SPLITS)}")
+        return self.train if name == "train" else self.val
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.special_tokens.get("<|mask|>")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ShardMeta:
+        if not isinstance(data, dict):
+            raise UserError(f"'{where}' is not a JSON object; re-run `lmforge data prepare`")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names - set(data) if n != "format_version")
+        if missing:
+            raise UserError(f"'{where}' is missing {', '.join(missing)}; it was not written by this version of "
+                            "lmforge -- re-run `lmforge data prepare`")
+        fields = {k: v for k, v in data.items() if k in names}
+        try:
+            fields["train"] = SplitStats(**data["train"])
+            fields["val"] = SplitStats(**data["val"])
+        except TypeError as error:
+            raise UserError(f"'{where}' has malformed split counts ({error}); re-run `lmforge data prepare`") from None
+        return cls(**fields)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocabulary under 65,536), uint32 otherwise."""
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
+
+
+def read_meta(directory: str | os.PathLike) -> ShardMeta:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        hint = " (an interrupted prepare leaves none)" if Path(directory).is_dir() else ""
+        raise UserError(f"'{directory}' has no {META_FILE}{hint}; prepare shards with "
+                        f"`lmforge data prepare --corpus CORPUS --tokenizer DIR --out {directory}`")
+    return ShardMeta.from_json(read_json(path, what="shard metadata"), where=str(path))
+
+
+def open_tokens(directory: str | os.PathLike, split: str, meta: ShardMeta | None = None) -> np.memmap:
+    """Memory-map DIR/{split}.bin as a read-only 1-D array of token ids, after checking its size."""
+    meta = meta or read_meta(directory)
+    stats = meta.split(split)
+    path = Path(directory) / stats.file
+    if not path.is_file():
+        raise UserError(f"'{path}' is missing; re-run `lmforge data prepare` for '{directory}'")
+    itemsize = np.dtype(meta.dtype).itemsize
+    if path.stat().st_size != stats.tokens * itemsize:
+        raise UserError(f"'{path}' has {path.stat().st_size} bytes but meta.json says {stats.tokens} {meta.dtype} "
+                        "tokens; the shard is damaged -- re-run `lmforge data prepare`")
+    if stats.tokens == 0:
+        raise UserError(f"the {split} split in '{directory}' is empty; prepare it from a larger corpus")
+    return np.memmap(path, dtype=meta.dtype, mode="r")
+
+
+# ---------------------------------------------------------------- checks shared with training
+
+def check_vocabulary(tokenizer: Any, where: str) -> None:
+    """A byte-level vocabulary needs all 256 bytes plus its special tokens."""
+    minimum = 256 + len(tokenizer.special_tokens)
+    if tokenizer.vocab_size < minimum:
+        raise UserError(f"tokenizer '{where}' has {tokenizer.vocab_size} tokens, fewer than the 256 bytes + "
+                        f"{len(tokenizer.special_tokens)} special tokens a byte-level vocabulary needs; "
+                        f"retrain it with a vocabulary of at least {minimum}")
+    if tokenizer.eot_id is None:
+        raise UserError(f"tokenizer '{where}' has no end-of-text token to separate documents; "
+                        "use a tokenizer with <|endoftext|> among its special tokens")
+
+
+def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Largest id in a (memory-mapped) token array, read a chunk at a time."""
+    return max(int(tokens[start:start + chunk].max()) for start in range(0, len(tokens), chunk))
+
+
+def check_shards(directory: str | os.PathLike, tokenizer: Any) -> ShardMeta:
+    """Check that the shards in `directory` were prepared with `tokenizer` and fit its vocabulary.
+
+    Training calls this before reading a batch, so a mismatch is one clear error, not an
+    index error deep inside an embedding (or, worse, silently wrong tokens).
+    """
+    check_vocabulary(tokenizer, where="the model's tokenizer")
+    meta = read_meta(directory)
+    fingerprint = tokenizer.fingerprint()
+    if meta.tokenizer_fingerprint != fingerprint:
+        raise UserError(f"the shards in '{directory}' were prepared with another tokenizer (fingerprint "
+                        f"{meta.tokenizer_fingerprint[:12]}, not {fingerprint[:12]}); re-run `lmforge data prepare "
+                        f"--corpus {_source_argument(meta)} --tokenizer YOUR_TOKENIZER_DIR --out {directory}`")
+    for split in SPLITS:
+        tokens = open_tokens(directory, split, meta)
+        largest = max_token_id(tokens)
+        if largest >= tokenizer.vocab_size:
+            raise UserError(f"'{Path(directory) / meta.split(split).file}' holds token id {largest}, at or above the "
+                            f"tokenizer's vocabulary size {tokenizer.vocab_size}; re-run `lmforge data prepare` "
+                            "with this tokenizer")
+    return meta
+
+
+def _source_argument(meta: ShardMeta) -> str:
+    source = meta.source
+    return source.get("name") or source.get("path") or "CORPUS"
+
+
+# ---------------------------------------------------------------- the validation split
+
+def choose_val_documents(n_documents: int, val_fraction: float, corpus_name: str) -> list[int]:
+    """Indices of the documents held out for validation: evenly spaced, the same on every run.
+
+    round(n * val_fraction) documents (at least one, and at least one left for training), at the
+    middles of n_val equal slices of the corpus, so they are spread over it, not bunched at the end.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction} is outside (0, 1); use e.g. 0.05 for 5% of documents")
+    if n_documents == 0:
+        raise UserError(f"corpus '{corpus_name}' is empty (no document has any text); "
+                        "point --corpus at files with text, or fix --text-field / --separator")
+    if n_documents == 1:
+        raise UserError(f"corpus '{corpus_name}' is a single document, but validation holds out whole documents; "
+                        "split it with --separator (e.g. --separator '\\n\\n') or give a directory of files")
+    n_val = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
+    return [int((j + 0.5) * n_documents / n_val) for j in range(n_val)]
+
+
+# ---------------------------------------------------------------- tokenizing in a pool
+
+_worker_tokenizer: Any = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    """Each pool process loads the tokenizer from its directory once."""
+    global _worker_tokenizer
+    from ..tokenizer import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode_in_worker(texts: list[str]) -> list[tuple[np.ndarray, int]]:
+    return encode_texts(_worker_tokenizer, texts)
+
+
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+    """(token ids in the shard dtype, UTF-8 byte count) per text; ids outside the vocabulary are an error."""
+    vocab_size = tokenizer.vocab_size
+    dtype = token_dtype(vocab_size)
+    encoded = []
+    for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+        array = np.asarray(ids, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() >= vocab_size):
+            bad = int(array.max()) if array.max() >= vocab_size else int(array.min())
+            raise UserError(f"the tokenizer produced token id {bad}, outside its vocabulary of {vocab_size}; "
+                            "its files are inconsistent -- retrain or re-save the tokenizer")
+        encoded.append((array.astype(dtype), len(text.encode("utf-8"))))
+    return encoded
+
+
+@dataclass(frozen=True)
+class _Piece:
+    split: str
+    starts_document: bool
+    text: str
+
+
+def _cut_pieces(text: str, limit: int) -> Iterator[str]:
+    """Cut text into pieces of at most `limit` characters, at safe cuts where there are any."""
+    start = 0
+    while len(text) - start > limit:
+        # endpos is one past the window so the lookahead can see the whitespace after its last letter.
+        cut = _SAFE_CUT.search(text, start, start + limit + 1)
+        end = cut.end() if cut and cut.end() > start else start + limit
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def _tasks(pieces: Iterator[_Piece], task_chars: int) -> Iterator[list[_Piece]]:
+    task: list[_Piece] = []
+    size = 0
+    for piece in pieces:
+        task.append(piece)
+        size += len(piece.text)
+        if size >= task_chars:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+def _encode_tasks(tasks: Iterator[list[_Piece]], tokenizer: Any, tokenizer_path: str,
+                  num_workers: int) -> Iterator[tuple[list[_Piece], list[tuple[np.ndarray, int]]]]:
+    """Encode tasks in order; at most 2 tasks per worker are in flight, which bounds memory."""
+    if num_workers <= 1:
+        for task in tasks:
+            yield task, encode_texts(tokenizer, [piece.text for piece in task])
+        return
+    # spawn, not fork: forking a process that may hold torch/OpenMP threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append((task, pool.apply_async(_encode_in_worker, ([piece.text for piece in task],))))
+            if len(pending) >= 2 * num_workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+class _SplitWriter:
+    """Appends documents to one .bin file, with the end-of-text token between them."""
+
+    def __init__(self, handle: BinaryIO, stats: SplitStats, eot_id: int, dtype: np.dtype) -> None:
+        self.handle = handle
+        self.stats = stats
+        self.separator = np.array([eot_id], dtype=dtype)
+
+    def start_document(self) -> None:
+        if self.stats.documents:
+            self._write(self.separator)
+        self.stats.documents += 1
+
+    def write(self, ids: np.ndarray, n_bytes: int) -> None:
+        self._write(ids)
+        self.stats.bytes += n_bytes
+
+    def _write(self, ids: np.ndarray) -> None:
+        if ids.size:
+            self.handle.write(ids.tobytes())
+            self.stats.tokens += int(ids.size)
+            self.stats.max_token_id = max(self.stats.max_token_id, int(ids.max()))
+
+
+# ---------------------------------------------------------------- prepare
+
+def default_num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def prepare_shards(corpus: str | os.PathLike | Corpus, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
+                   val_fraction: float = 0.05, *, text_field: str = "text", separator: str | None = None,
+                   dataset_split: str = "train", num_workers: int | None = None,
+                   progress: bool = True) -> ShardMeta:
+    """Tokenize `corpus` with the tokenizer in directory `tokenizer` into shards in `out_dir`.
+
+    corpus: "shakespeare", a .txt/.jsonl/.parquet file, a directory of them, a `datasets`
+        save_to_disk directory or a dataset name in the local HF cache (see corpora.open_corpus).
+    num_workers: tokenizer processes (default: cores - 1, at most 8; 1 tokenizes in this process).
+    Returns the metadata also written to out_dir/meta.json.
+    """
+    from .. import __version__
+    from ..tokenizer import load_tokenizer
+
+    tokenizer_path = str(tokenizer)
+    loaded = load_tokenizer(tokenizer_path)
+    check_vocabulary(loaded, where=tokenizer_path)
+    if not isinstance(corpus, Corpus):
+        corpus = open_corpus(corpus, text_field=text_field, separator=separator, dataset_split=dataset_split)
+    corpus_name = corpus.source.get("name") or corpus.source.get("path") or str(corpus.source)
+
+    # A first, tokenizer-free pass counts documents, so the held-out ones can be chosen up front.
+    n_documents, n_chars = 0, 0
+    for document in corpus.documents():
+        n_documents += 1
+        n_chars += len(document.text)
+    val_indices = set(choose_val_documents(n_documents, val_fraction, corpus_name))
+
+    workers = default_num_workers() if num_workers is None else num_workers
+    # Spawning processes costs more than it saves on a small corpus.
+    workers = max(1, min(workers, -(-n_chars // TASK_CHARS)))
+    created = not Path(out_dir).exists()
+    out = ensure_writable_dir(out_dir)
+    try:
+        stats, val_names = _write_splits(corpus, val_indices, loaded, tokenizer_path, out, workers,
+                                         n_documents, n_chars, progress)
+    except BaseException:
+        if created:  # leave no trace of a failed prepare (rmdir only removes an empty directory)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+    meta = ShardMeta(
+        tokenizer_fingerprint=loaded.fingerprint(), tokenizer=tokenizer_path, vocab_size=loaded.vocab_size,
+        dtype=token_dtype(loaded.vocab_size).name, eot_id=loaded.eot_id, special_tokens=dict(loaded.special_tokens),
+        source=corpus.source, val_fraction=val_fraction, train=stats["train"], val=stats["val"],
+        val_document_names=val_names if len(val_indices) <= MAX_LISTED_VAL_DOCUMENTS else None,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), lmforge_version=__version__,
+    )
+    write_json_atomic(out / META_FILE, meta.to_json())
+    return meta
+
+
+def _write_splits(corpus: Corpus, val_indices: set[int], tokenizer: Any, tokenizer_path: str, out: Path,
+                  workers: int, n_documents: int, n_chars: int,
+                  progress: bool) -> tuple[dict[str, SplitStats], list[str]]:
+    """Stream the tokenized corpus into out/train.bin and out/val.bin; return their counts."""
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    stats = {split: SplitStats(file=f"{split}.bin") for split in SPLITS}
+    val_names: list[str] = []
+
+    def pieces() -> Iterator[_Piece]:
+        for index, document in enumerate(corpus.documents()):
+            split = "val" if index in val_indices else "train"
+            if split == "val" and len(val_names) < MAX_LISTED_VAL_DOCUMENTS:
+                val_names.append(document.name)
+            for number, text in enumerate(_cut_pieces(document.text, PIECE_CHARS)):
+                yield _Piece(split, number == 0, text)
+
+    with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:
+        with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file, \
+                tqdm(total=n_chars, unit="char", unit_scale=True, desc=f"tokenizing {n_documents} documents",
+                     file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            writers = {"train": _SplitWriter(train_file, stats["train"], tokenizer.eot_id, dtype),
+                       "val": _SplitWriter(val_file, stats["val"], tokenizer.eot_id, dtype)}
+            encoded = _encode_tasks(_tasks(pieces(), TASK_CHARS), tokenizer, tokenizer_path, workers)
+            with contextlib.closing(encoded):  # stops the pool at once if anything below fails
+                for task, results in encoded:
+                    for piece, (ids, n_bytes) in zip(task, results):
+                        writer = writers[piece.split]
+                        if piece.starts_document:
+                            writer.start_document()
+                        writer.write(ids, n_bytes)
+                        bar.update(len(piece.text))
+        # The new .bin files are complete; drop the old meta.json so that, until the new one is
+        # written, the directory cannot pass for a valid shard set.
+        (out / META_FILE).unlink(missing_ok=True)
+    return stats, val_names
+
+
+# ---------------------------------------------------------------- stats
+
+def describe_shards(directory: str | os.PathLike) -> str:
+    """A short human-readable summary of meta.json (what `lmforge data stats` prints)."""
+    meta = read_meta(directory)
+    source = meta.source
+    source_text = source.get("name") or source.get("path") or "?"
+    details = ", ".join(f"{key}={value!r}" for key, value in source.items() if key not in ("name", "path", "kind"))
+    lines = [
+        f"shards:     {directory}",
+        f"source:     {source_text} ({source.get('kind')}{', ' + details if details else ''})",
+        f"tokenizer:  {meta.tokenizer} (fingerprint {meta.tokenizer_fingerprint[:12]}, vocab {meta.vocab_size:,}, "
+        f"eot id {meta.eot_id})",
+        f"dtype:      {meta.dtype}",
+        f"created:    {meta.created_at} by lmforge {meta.lmforge_version}",
+        "",
+        f"{'split':<6} {'documents':>10} {'tokens':>14} {'bytes':>14} {'bytes/token':>12}",
+    ]
+    for split in SPLITS:
+        stats = meta.split(split)
+        lines.append(f"{split:<6} {stats.documents:>10,} {stats.tokens:>14,} {stats.bytes:>14,} "
+                     f"{stats.bytes_per_token:>12.3f}")
+    if meta.val_document_names is not None:
+        lines += ["", f"val documents: {', '.join(meta.val_document_names)}"]
+    return "\n".join(lines)
+
