@@ -1,9 +1,6 @@
 """Corpus readers: text files and directories, separators, JSONL, Parquet, `datasets`; their errors."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from lmforge.data import corpora
