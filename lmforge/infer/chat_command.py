@@ -1,0 +1,111 @@
+"""`lmforge chat`: a multi-turn terminal chat that streams the model's replies.
+
+Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit.
+It reads plain lines when stdin is not a terminal, so `printf 'hi\\n/reset\\n' | lmforge chat ...`
+works (that is how it is tested).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..cli import HelpFormatter
+from .commands import add_model_arguments, add_sampling_arguments, load_engine, sampling_from_args
+
+HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Chat with a model in the terminal. " + HELP + "."
+    parser.formatter_class = HelpFormatter
+    parser.epilog = 'example:\n  lmforge chat --model smollm2-135m-instruct --system "You are a pirate." --seed 0'
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+class ChatSession:
+    """The conversation so far, and a reply streamed for each new user message."""
+
+    def __init__(self, engine: Any, params: Any, system: str | None = None) -> None:
+        self.engine, self.params, self.system = engine, params, system
+        self.turns: list[dict[str, str]] = []   # user/assistant messages, oldest first
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.turns
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def reply(self, user_text: str):
+        """Yield the assistant's reply in pieces; the turn is kept once the reply is complete."""
+        self.turns.append({"role": "user", "content": user_text})
+        prompt = self._fitting_prompt()
+        pieces = []
+        try:
+            for piece in self.engine.stream(prompt, self.params):
+                pieces.append(piece)
+                yield piece
+        except BaseException:
+            self.turns.pop()
+            raise
+        self.turns.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _fitting_prompt(self) -> str:
+        """Drop the oldest turns (never the system prompt or the new message) until the prompt fits."""
+        from .chat import render_chat
+
+        budget = self.engine.context_length - self.params.max_new_tokens
+        while True:
+            prompt = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True)
+            if len(self.engine.tokenizer.encode(prompt)) <= budget or len(self.turns) <= 1:
+                return prompt   # a single over-long message is left to the engine's context policy
+            self.turns = self.turns[2:]   # the oldest user + assistant pair
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    engine = load_engine(args, max_batch_size=1)
+    session = ChatSession(engine, params, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model}; {HELP}")
+    while True:
+        line = _read_line(interactive)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("[conversation reset]")
+        elif text == "/system" or text.startswith("/system "):
+            session.system = text[len("/system"):].strip() or None
+            print(f"[system prompt {'set' if session.system else 'cleared'}]")
+        elif text.startswith("/"):
+            print(f"[unknown command {text.split()[0]}; {HELP}]")
+        else:
+            if interactive:
+                sys.stdout.write("assistant> ")
+            for piece in session.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None

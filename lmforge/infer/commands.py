@@ -1,0 +1,113 @@
+"""`lmforge generate`: text from a prompt, streamed as it is generated.
+
+The sampling and model flags defined here are shared by `lmforge chat` and `lmforge serve`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cli import HelpFormatter
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="REF",
+                        help="a run/checkpoint dir, an HF dir, a .gguf file, a preset, or smollm2-135m-instruct")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (cuda when available)")
+    parser.add_argument("--context-policy", choices=["truncate_left", "error"], default="truncate_left",
+                        help="a prompt too long for the context (with the tokens to generate): drop its oldest tokens, or refuse")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, top_p: float = 0.9) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x p(top token)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                          stop=list(args.stop), seed=args.seed).validate()
+
+
+def model_name(ref: str) -> str:
+    """The id a model is served under: the REF's last path part, without a .gguf suffix."""
+    name = Path(ref.rstrip("/")).name or ref
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len: int | None = None) -> Any:
+    """Load `--model` onto `--device` and wrap it in an Engine."""
+    import torch
+
+    from ..model.loading import load
+    from .engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load(args.model)
+    model = model.to(device)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
+                  max_seq_len=max_seq_len)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Generate text from a prompt. One prompt streams as it is generated; several "
+                          "--prompt flags are generated together in one batch.")
+    parser.formatter_class = HelpFormatter
+    parser.epilog = ('example:\n  lmforge generate --model smollm2-135m-instruct --chat '
+                     '--prompt "Write a haiku about the sea." --max-new-tokens 40 --seed 0')
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="the prompt (repeat for a batch)")
+    parser.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user message through the model's chat template")
+    parser.add_argument("--system", default=None, help="system prompt (with --chat)")
+    parser.add_argument("--stats", action="store_true", help="print tokens, speed and finish reason to stderr")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .chat import render_chat
+
+    params = sampling_from_args(args)
+    engine = load_engine(args, max_batch_size=len(args.prompt))
+    prompts = list(args.prompt)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [render_chat(engine.tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+    start = time.perf_counter()
+    if len(prompts) == 1:
+        sequence = engine.submit(prompts[0], params)
+        for piece in engine.stream_sequence(sequence):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        results = [sequence.result()]
+    else:
+        results = engine.generate(prompts, params)
+        for index, result in enumerate(results):
+            print(f"--- [{index}] {args.prompt[index]!r}")
+            print(result.text)
+    if args.stats:
+        seconds = time.perf_counter() - start
+        tokens = sum(r.completion_tokens for r in results)
+        reasons = ", ".join(r.finish_reason for r in results)
+        print(f"[{tokens} tokens in {seconds:.2f}s, {tokens / seconds:.1f} tokens/s; finish: {reasons}]",
+              file=sys.stderr)
+    return 0

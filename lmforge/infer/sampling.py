@@ -1,0 +1,183 @@
+"""Sampling: turn next-token logits into tokens, for a whole batch of requests at once.
+
+Each request has its own `SamplingParams`. `BatchSampler` keeps them as per-row tensors (one row
+per KV-cache slot), so one step processes the logits of every active request with a handful of
+vectorised ops, whatever mix of greedy and sampled requests the batch holds:
+
+    logits -> repetition / frequency / presence penalties -> temperature -> top-k -> top-p
+           -> min-p -> greedy argmax, or a random draw from the request's own generator
+
+Rows with neutral settings (penalty 1.0, frequency 0.0, ...) come out bit-identical, so a greedy
+request gives the same tokens alone or batched with others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request (names follow OpenAI / Hugging Face)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0            # 0 = greedy (argmax)
+    top_k: int = 0                      # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0                  # keep the smallest set with this much probability; 1 = off
+    min_p: float = 0.0                  # drop tokens below min_p * p(most likely); 0 = off
+    repetition_penalty: float = 1.0     # CTRL: logits of seen tokens (prompt + output) / penalty (x penalty if < 0)
+    frequency_penalty: float = 0.0      # OpenAI: logit -= frequency * (times the token was generated)
+    presence_penalty: float = 0.0       # OpenAI: logit -= presence if the token was generated at all
+    stop: list[str] = field(default_factory=list)          # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the tokenizer's end tokens
+    seed: int | None = None             # same seed -> same tokens, alone or batched
+    logprobs: bool = False              # return the log-probability of each chosen token
+
+    def validate(self) -> "SamplingParams":
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), not {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), not {self.top_k!r}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), not {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, not {self.seed!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message}; fix the sampling settings")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class BatchSampler:
+    """Per-row sampling settings and token statistics for the `n_rows` slots of a KV cache.
+
+    `assign(row, ...)` installs a request in a row; `sample(logits, rows)` picks one token for each
+    given row from logits [n, V]; `observe(rows, tokens)` updates the counts the penalties use.
+    """
+
+    def __init__(self, n_rows: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.vocab_size = vocab_size
+        self.temperature = torch.zeros(n_rows, device=device)
+        self.top_k = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.top_p = torch.ones(n_rows, device=device)
+        self.min_p = torch.zeros(n_rows, device=device)
+        self.repetition = torch.ones(n_rows, device=device)
+        self.frequency = torch.zeros(n_rows, device=device)
+        self.presence = torch.zeros(n_rows, device=device)
+        self.counts = torch.zeros(n_rows, vocab_size, device=device)              # generated tokens, per row
+        self.seen = torch.zeros(n_rows, vocab_size, dtype=torch.bool, device=device)  # prompt + generated
+        self.params: list[SamplingParams | None] = [None] * n_rows
+        self.generators: list[torch.Generator | None] = [None] * n_rows
+
+    def assign(self, row: int, params: SamplingParams, prompt_ids: list[int], seed: int) -> None:
+        self.params[row] = params
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.min_p[row] = params.min_p
+        self.repetition[row] = params.repetition_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.presence[row] = params.presence_penalty
+        if params.penalised:
+            self.counts[row] = 0
+            self.seen[row] = False
+            self.seen[row, torch.tensor(prompt_ids, dtype=torch.long, device=self.seen.device)] = True
+        generator = torch.Generator(device=self.temperature.device)
+        generator.manual_seed(seed)
+        self.generators[row] = generator
+
+    def observe(self, rows: torch.Tensor, tokens: torch.Tensor, row_list: list[int]) -> None:
+        """Count the tokens just generated (only rows with penalties need the counts)."""
+        if any(self.params[row].penalised for row in row_list):
+            self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
+            self.seen[rows, tokens] = True
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_list: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [n, V] for cache rows `rows` [n] -> (tokens [n], log-probs of those tokens [n] or None).
+
+        Log-probs are the model's own distribution (log-softmax of the raw logits), before any
+        penalty, temperature or truncation changes it.
+        """
+        logits = logits.float()
+        params = [self.params[row] for row in row_list]
+        raw = logits
+        if any(p.penalised for p in params):
+            logits = self._penalise(logits, rows)
+        tokens = logits.argmax(dim=-1)
+        sampled = [index for index, p in enumerate(params) if not p.greedy]
+        if sampled:
+            # Only the non-greedy rows pay for filtering and noise.
+            index = torch.tensor(sampled, device=logits.device)
+            sub_rows = rows[index]
+            scaled = logits[index] / self.temperature[sub_rows, None]
+            scaled = filter_logits(scaled, self.top_k[sub_rows], self.top_p[sub_rows], self.min_p[sub_rows],
+                                   [params[i] for i in sampled])
+            tokens[index] = self._draw(scaled, [row_list[i] for i in sampled])
+        logprobs = None
+        if any(p.logprobs for p in params):
+            logprobs = raw.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+        return tokens, logprobs
+
+    def _penalise(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        repetition = self.repetition[rows, None]
+        seen = self.seen[rows]
+        # CTRL (Keskar et al. 2019): make seen tokens less likely whatever the logit's sign.
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalised, logits)
+        counts = self.counts[rows]
+        return logits - self.frequency[rows, None] * counts - self.presence[rows, None] * (counts > 0).float()
+
+    def _draw(self, logits: torch.Tensor, row_list: list[int]) -> torch.Tensor:
+        """Sample from softmax(logits) per row with the Gumbel-max trick: argmax(logits + Gumbel noise).
+
+        The noise comes from each request's own generator, so a seeded request draws the same
+        numbers whatever else is in the batch.
+        """
+        noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=self.generators[row])
+                             for row in row_list])
+        # -log(Exponential(1)) is Gumbel(0, 1) noise; the clamp keeps a (vanishingly rare) 0 finite.
+        return (logits - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()).argmax(dim=-1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  params: list[SamplingParams]) -> torch.Tensor:
+    """Set to -inf the logits [n, V] that top-k [n], top-p [n] and min-p [n] rule out, per row.
+
+    As in Hugging Face, top-p is measured on the distribution left after top-k.
+    """
+    vocab_size = logits.shape[-1]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab_size, device=logits.device)[None]
+        remove = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs           # probability of the tokens ranked above
+        # The top token always survives: its mass_before is 0 < top_p.
+        remove = (top_p[:, None] < 1.0) & (mass_before >= top_p[:, None])
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if any(p.min_p > 0 for p in params):
+        probs = logits.softmax(dim=-1)
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits

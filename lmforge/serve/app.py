@@ -1,0 +1,316 @@
+"""An OpenAI-compatible HTTP API over the generation engine (FastAPI).
+
+    app = create_app(Engine(model, tokenizer), "my-model", api_key=None)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`stream: true` sends OpenAI-format SSE chunks and ends with `data: [DONE]`). Every request is
+handed to the continuous-batching `Scheduler`; handlers only wait on their own event queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from ..infer.chat import render_chat
+from ..infer.engine import Engine, Sequence
+from ..infer.sampling import SamplingParams
+from .protocol import ChatCompletionRequest, CompletionRequest, error_response
+from .scheduler import Event, Scheduler
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The API app. Pass an Engine (a Scheduler is made for it) or a Scheduler to share one."""
+    scheduler = (engine_or_scheduler if isinstance(engine_or_scheduler, Scheduler)
+                 else Scheduler(engine_or_scheduler))
+    engine = scheduler.engine
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="lmforge", description="OpenAI-compatible API served by lmforge", lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.state.model_name = model_name
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Callable) -> Any:
+        # A middleware (not a dependency) so that auth is checked before the body is validated.
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            if not secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
+                message = ("missing API key; send the header 'Authorization: Bearer KEY'" if not header
+                           else "incorrect API key; send the key the server was started with")
+                return error_response(401, message, code="invalid_api_key")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "running": engine.running, "waiting": len(engine.waiting),
+                "max_batch_size": engine.max_batch_size, "stats": dataclasses.asdict(engine.stats)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": _START_TIME,
+                                            "owned_by": "lmforge", "context_length": engine.context_length}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        _check_model(body.model, model_name)
+        logprobs = body.logprobs is not None
+        submitted = _submit(scheduler, body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs)
+        reply = _Reply("cmpl", "text_completion", model_name, engine)
+        if body.stream:
+            return _sse(reply.stream_completion(submitted, logprobs, body.include_usage), submitted, scheduler)
+        sequences = await _wait(request, submitted, scheduler)
+        return reply.completion(sequences, logprobs)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        _check_model(body.model, model_name)
+        body.check()
+        prompt = render_chat(engine.tokenizer, body.messages, add_generation_prompt=True)
+        logprobs = bool(body.logprobs)
+        submitted = _submit(scheduler, [prompt], body, None, logprobs)
+        reply = _Reply("chatcmpl", "chat.completion", model_name, engine)
+        if body.stream:
+            return _sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
+        sequences = await _wait(request, submitted, scheduler)
+        return reply.chat(sequences, logprobs)
+
+    return app
+
+
+_START_TIME = int(time.time())
+
+
+@dataclasses.dataclass
+class _Submitted:
+    events: asyncio.Queue
+    sequences: list[Sequence]
+
+
+def _check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise ApiError(400, f"the model '{requested}' is not served here; use model '{served}' "
+                            "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, default_max_tokens: int | None,
+            logprobs: bool) -> _Submitted:
+    """Validate max_tokens, then queue every prompt on one shared event queue (choice i = prompt i)."""
+    engine = scheduler.engine
+    limit = engine.context_length
+    if body.max_tokens is not None and not 1 <= body.max_tokens <= limit:
+        raise ApiError(400, f"max_tokens={body.max_tokens} is out of range; use 1 to {limit} "
+                            "(this model's context length)", param="max_tokens")
+    events: asyncio.Queue = asyncio.Queue()
+    sequences: list[Sequence] = []
+    try:
+        for index, prompt in enumerate(prompts):
+            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            max_tokens = body.max_tokens or default_max_tokens
+            if max_tokens is None:
+                # Chat default (OpenAI): whatever the context has left after the prompt.
+                max_tokens = limit - len(ids) if len(ids) < limit else 1
+            params: SamplingParams = body.sampling_params(max_tokens, logprobs)
+            sequences.append(scheduler.submit(ids, params, events, index))
+    except BaseException:
+        for sequence in sequences:
+            scheduler.cancel(sequence)
+        raise
+    return _Submitted(events, sequences)
+
+
+async def _wait(request: Request, submitted: _Submitted, scheduler: Scheduler) -> list[Sequence]:
+    """Wait until every sequence is done; cancel them if the client goes away meanwhile."""
+    remaining = len(submitted.sequences)
+    try:
+        while remaining:
+            try:
+                event = await asyncio.wait_for(submitted.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection") from None
+                continue
+            if event.done is not None:
+                remaining -= 1
+                if event.done.finish_reason == "error":
+                    raise ApiError(500, "generation failed on the server; see the server log")
+    finally:
+        for sequence in submitted.sequences:
+            if not sequence.finished:
+                scheduler.cancel(sequence)
+    return submitted.sequences
+
+
+def _sse(chunks: AsyncIterator[dict], submitted: _Submitted, scheduler: Scheduler) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. A disconnect cancels."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ApiError as error:  # the status line is already sent: report the error in the stream
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error'}})}\n\n"
+        finally:
+            # Runs when the stream ends and when the client disconnects mid-stream.
+            for sequence in submitted.sequences:
+                if not sequence.finished:
+                    scheduler.cancel(sequence)
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Reply:
+    """Builds the OpenAI response objects (whole or chunked) for one request."""
+
+    def __init__(self, id_prefix: str, kind: str, model_name: str, engine: Engine) -> None:
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.kind, self.model_name, self.engine = kind, model_name, engine
+        self.created = int(time.time())
+
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name, "choices": choices}
+
+    @staticmethod
+    def usage(sequences: list[Sequence]) -> dict:
+        prompt = sum(len(s.prompt_ids) for s in sequences)
+        completion = sum(s.completion_tokens for s in sequences)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _token_text(self, token: int) -> str:
+        return self.engine.tokenizer.decode([token])
+
+    def chat_logprobs(self, sequence: Sequence, start: int, end: int) -> dict:
+        content = []
+        for token, logprob in zip(sequence.token_ids[start:end], sequence.logprobs[start:end]):
+            text = self._token_text(token)
+            content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+        return {"content": content}
+
+    def completion_logprobs(self, sequence: Sequence, start: int, end: int, offset: int) -> dict:
+        tokens = [self._token_text(token) for token in sequence.token_ids[start:end]]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": list(sequence.logprobs[start:end]), "top_logprobs": None,
+                "text_offset": offsets}
+
+    # ------------------------------------------------------------------ whole responses
+
+    def completion(self, sequences: list[Sequence], logprobs: bool) -> dict:
+        choices = [{"index": index, "text": s.text.text, "finish_reason": s.finish_reason,
+                    "logprobs": self.completion_logprobs(s, 0, len(s.token_ids), 0) if logprobs else None}
+                   for index, s in enumerate(sequences)]
+        return {**self._envelope("text_completion", choices), "usage": self.usage(sequences)}
+
+    def chat(self, sequences: list[Sequence], logprobs: bool) -> dict:
+        choices = [{"index": index, "message": {"role": "assistant", "content": s.text.text},
+                    "finish_reason": s.finish_reason,
+                    "logprobs": self.chat_logprobs(s, 0, len(s.token_ids)) if logprobs else None}
+                   for index, s in enumerate(sequences)]
+        return {**self._envelope("chat.completion", choices), "usage": self.usage(sequences)}
+
+    # ------------------------------------------------------------------ streamed responses
+
+    async def _events(self, submitted: _Submitted) -> AsyncIterator[tuple[Event, int, int]]:
+        """(event, tokens reported before it, tokens now) until every choice is done."""
+        reported = [0] * len(submitted.sequences)
+        remaining = len(submitted.sequences)
+        while remaining:
+            event = await submitted.events.get()
+            sequence = submitted.sequences[event.index]
+            start, end = reported[event.index], event.tokens
+            reported[event.index] = end
+            if event.done is not None:
+                remaining -= 1
+                if event.done.finish_reason == "error":
+                    raise ApiError(500, "generation failed on the server; see the server log")
+            yield event, start, end
+
+    async def stream_completion(self, submitted: _Submitted, logprobs: bool, include_usage: bool
+                                ) -> AsyncIterator[dict]:
+        offsets = [0] * len(submitted.sequences)
+        async for event, start, end in self._events(submitted):
+            sequence = submitted.sequences[event.index]
+            if event.text or (logprobs and end > start):
+                choice = {"index": event.index, "text": event.text, "finish_reason": None,
+                          "logprobs": self.completion_logprobs(sequence, start, end, offsets[event.index])
+                          if logprobs else None}
+                offsets[event.index] += len(event.text)
+                yield self._envelope("text_completion", [choice])
+            if event.done is not None:
+                yield self._envelope("text_completion", [{"index": event.index, "text": "", "logprobs": None,
+                                                          "finish_reason": sequence.finish_reason}])
+        if include_usage:
+            yield {**self._envelope("text_completion", []), "usage": self.usage(submitted.sequences)}
+
+    async def stream_chat(self, submitted: _Submitted, logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
+        kind = "chat.completion.chunk"
+        for index in range(len(submitted.sequences)):
+            yield self._envelope(kind, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}])
+        async for event, start, end in self._events(submitted):
+            sequence = submitted.sequences[event.index]
+            if event.text or (logprobs and end > start):
+                yield self._envelope(kind, [{"index": event.index, "delta": {"content": event.text},
+                                             "logprobs": self.chat_logprobs(sequence, start, end) if logprobs else None,
+                                             "finish_reason": None}])
+            if event.done is not None:
+                yield self._envelope(kind, [{"index": event.index, "delta": {}, "logprobs": None,
+                                             "finish_reason": sequence.finish_reason}])
+        if include_usage:
+            yield {**self._envelope(kind, []), "usage": self.usage(submitted.sequences)}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-style JSON body."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> Any:
+        return error_response(error.status, error.message, param=error.param, code=error.code,
+                              error_type="server_error" if error.status >= 500 else "invalid_request_error")
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, error: UserError) -> Any:
+        return error_response(400, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> Any:
+        first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON; send a JSON object")
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        field = ".".join(location) or "body"
+        message = f"invalid request: {field}: {first.get('msg', 'invalid value')}"
+        if first.get("type") == "missing":
+            message = f"invalid request: '{field}' is required"
+        return error_response(400, message, param=location[0] if location else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Any:
+        return error_response(error.status_code, str(error.detail))

@@ -1,0 +1,58 @@
+"""`lmforge serve`: the OpenAI-compatible HTTP API (FastAPI + uvicorn) with continuous batching."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ..cli import HelpFormatter
+from ..infer.commands import add_model_arguments, load_engine, model_name
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Serve a model over an OpenAI-compatible HTTP API: /v1/models, /v1/completions, "
+                          "/v1/chat/completions (streaming with stream=true) and /health. Concurrent requests "
+                          "share one batched decode loop.")
+    parser.formatter_class = HelpFormatter
+    parser.epilog = ("example:\n  lmforge serve --model smollm2-135m-instruct --port 8000\n"
+                     "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                     "    -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'")
+    add_model_arguments(parser)
+    parser.set_defaults(context_policy="error")   # an API client should hear that its prompt is too long
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY'; falls back to $LMFORGE_API_KEY; none = open")
+    parser.add_argument("--model-name", default=None, help="model id clients send; none = the REF's name")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV-cache rows)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="context length to serve, and the max_tokens limit; none = the model's")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    name = args.model_name or model_name(args.model)
+    app = create_app(engine, name, api_key=api_key)
+    if api_key is None and not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
+              "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
+    print(f"serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
+          f"batch {engine.max_batch_size}, context {engine.context_length}); Ctrl-C to stop", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

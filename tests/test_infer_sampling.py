@@ -1,0 +1,99 @@
+"""Sampling filters and penalties, checked against Hugging Face's logits processors."""
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from lmforge.infer.sampling import BatchSampler, SamplingParams, filter_logits
+
+V = 50
+
+
+def kept(logits: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logits)
+
+
+def run_filter(logits: torch.Tensor, **settings) -> torch.Tensor:
+    params = SamplingParams(temperature=1.0, **settings)
+    n = logits.shape[0]
+    return filter_logits(logits, torch.full((n,), params.top_k), torch.full((n,), params.top_p),
+                         torch.full((n,), params.min_p), [params] * n)
+
+
+def test_top_k_top_p_min_p_keep_the_same_tokens_as_transformers():
+    logits = torch.randn(4, V) * 3
+    no_ids = torch.zeros(4, 1, dtype=torch.long)
+    for top_k in (1, 5, 20):
+        assert torch.equal(kept(run_filter(logits, top_k=top_k)), kept(TopKLogitsWarper(top_k)(no_ids, logits)))
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        assert torch.equal(kept(run_filter(logits, top_p=top_p)), kept(TopPLogitsWarper(top_p)(no_ids, logits)))
+    for min_p in (0.01, 0.1, 0.5):
+        assert torch.equal(kept(run_filter(logits, min_p=min_p)), kept(MinPLogitsWarper(min_p)(no_ids, logits)))
+    # Combined, in HF's order: top-k first, then top-p on what is left.
+    theirs = TopPLogitsWarper(0.8)(no_ids, TopKLogitsWarper(10)(no_ids, logits))
+    assert torch.equal(kept(run_filter(logits, top_k=10, top_p=0.8)), kept(theirs))
+    # Off means off: every token survives.
+    assert kept(run_filter(logits, top_p=1.0, top_k=0, min_p=0.0)).all()
+
+
+def sampler_with(rows: list[SamplingParams], prompt_ids: list[int]) -> BatchSampler:
+    sampler = BatchSampler(len(rows), V)
+    for row, params in enumerate(rows):
+        sampler.assign(row, params, prompt_ids, seed=row)
+    return sampler
+
+
+def test_repetition_penalty_matches_transformers_and_penalties_use_generated_counts():
+    logits = torch.randn(1, V) * 2
+    prompt, generated = [3, 7, 7], [11, 3, 11, 11]
+    params = SamplingParams(repetition_penalty=1.5)
+    sampler = sampler_with([params], prompt)
+    rows = torch.tensor([0])
+    for token in generated:
+        sampler.observe(rows, torch.tensor([token]), [0])
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([prompt + generated]), logits.clone())
+    assert torch.allclose(sampler._penalise(logits, rows), theirs)
+
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    sampler = sampler_with([params], prompt)
+    for token in generated:
+        sampler.observe(rows, torch.tensor([token]), [0])
+    expected = logits.clone()
+    expected[0, 11] -= 0.5 * 3 + 0.25          # generated three times
+    expected[0, 3] -= 0.5 * 1 + 0.25           # once (its prompt occurrences do not count)
+    assert torch.allclose(sampler._penalise(logits, rows), expected)
+
+
+def test_each_row_follows_its_own_settings_and_greedy_rows_are_untouched():
+    logits = torch.randn(3, V) * 2
+    rows_params = [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, seed=1),
+                   SamplingParams(repetition_penalty=2.0)]
+    sampler = sampler_with(rows_params, [int(logits[2].argmax())])
+    tokens, _ = sampler.sample(logits, torch.arange(3), [0, 1, 2])
+    assert tokens[0] == logits[0].argmax()                        # greedy, bit for bit
+    assert tokens[1] in logits[1].topk(5).indices                 # sampled inside its top-5
+    assert tokens[2] != logits[2].argmax()                        # its best token was seen: penalised
+    alone = sampler_with([rows_params[0]], [])
+    assert alone.sample(logits[:1], torch.tensor([0]), [0])[0][0] == tokens[0]
+
+
+def test_gumbel_sampling_follows_the_softmax_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    temperature, draws = 0.8, 4000
+    params = SamplingParams(temperature=temperature)
+    sampler = BatchSampler(draws, len(logits))
+    for row in range(draws):
+        sampler.assign(row, params, [], seed=row)
+    tokens, _ = sampler.sample(logits.expand(draws, -1), torch.arange(draws), list(range(draws)))
+    frequencies = torch.bincount(tokens, minlength=len(logits)).float() / draws
+    assert torch.allclose(frequencies, (logits / temperature).softmax(-1), atol=0.03)
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.randn(2, V)
+    sampler = sampler_with([SamplingParams(logprobs=True, repetition_penalty=3.0),
+                            SamplingParams(logprobs=True, temperature=2.0, seed=0)], [int(logits[0].argmax())])
+    tokens, logprobs = sampler.sample(logits, torch.arange(2), [0, 1])
+    expected = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(logprobs, expected)
