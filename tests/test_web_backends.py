@@ -1,0 +1,137 @@
+"""The web demo's backends on a real (tiny, trained) model: in process, and through `lmforge serve`.
+
+Also the pieces of the Gradio app that need no browser: message conversion, the info panel, the
+controls' limits, and `lmforge web`'s command line. The browser test is tests/test_web_browser.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import UserError
+from lmforge.model.info import count_parameters
+from lmforge.serve.app import create_app
+from lmforge.serve.server import BackgroundServer
+from lmforge.serve.web import build_messages, build_web_app, message_text
+from lmforge.serve.web_backends import ChatSettings, LocalBackend, RemoteBackend, human_count
+from web_support import MODEL_NAME, PROMPT, REPLY, one_torch_thread, tiny_chat_engine, train_tiny_chat_model
+
+GREEDY = ChatSettings(temperature=0.0, top_p=1.0, max_new_tokens=64)
+HELLO = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    with one_torch_thread():
+        yield train_tiny_chat_model()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_chat):
+    return LocalBackend(tiny_chat_engine(*tiny_chat), MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat):
+    """A live `lmforge serve` app (uvicorn in a thread) with an API key."""
+    app = create_app(tiny_chat_engine(*tiny_chat), MODEL_NAME, api_key="secret")
+    with BackgroundServer(app) as server:
+        yield server
+
+
+def test_local_backend_streams_the_reply(local):
+    pieces = list(local.stream_reply(HELLO, GREEDY))
+    assert "".join(pieces) == REPLY
+    assert len(pieces) > 5, "the reply should arrive in many increments, not at once"
+
+
+def test_local_backend_obeys_max_tokens(local):
+    text = "".join(local.stream_reply(HELLO, ChatSettings(temperature=0.0, max_new_tokens=4)))
+    assert text and REPLY.startswith(text) and len(text) < len(REPLY) // 2
+
+
+def test_local_model_info(local, tiny_chat):
+    model, tokenizer = tiny_chat
+    total = count_parameters(model.config).total
+    assert total == sum(p.numel() for p in model.parameters())
+    info = local.model_info()
+    for expected in (f"`{MODEL_NAME}`", f"{human_count(total)} ({total:,};", "context length: 128 tokens",
+                     "device / dtype: cpu / float32", f"tokenizer: {tokenizer.vocab_size:,} tokens",
+                     "decoder-only causal LM (GPT)", "grouped-query attention, 4 query heads x 16, 2 kv heads",
+                     "RoPE"):
+        assert expected in info, f"{expected!r} missing from the info panel:\n{info}"
+
+
+def test_remote_backend_streams_from_lmforge_serve(served):
+    remote = RemoteBackend(served.url, api_key="secret")          # a bare host:port means .../v1
+    assert remote.base_url == served.url + "/v1"
+    assert remote.name == MODEL_NAME and remote.context_length == 128
+    pieces = list(remote.stream_reply(HELLO, GREEDY))
+    assert "".join(pieces) == REPLY and len(pieces) > 5
+    info = remote.model_info()
+    assert f"`{MODEL_NAME}`" in info and "owned_by: lmforge" in info and "context_length: 128" in info
+    remote.close()
+
+
+def test_remote_backend_reports_a_wrong_key(served):
+    with pytest.raises(UserError, match="answered 401: incorrect API key.*--api-key"):
+        RemoteBackend(served.url + "/v1", api_key="wrong")
+
+
+def test_remote_backend_reports_server_side_refusals(served):
+    remote = RemoteBackend(served.url, api_key="secret")
+    with pytest.raises(UserError, match="answered 400: max_tokens=500 is out of range"):
+        list(remote.stream_reply(HELLO, ChatSettings(max_new_tokens=500)))
+    remote.close()
+
+
+def test_build_messages_from_gradio_history():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]},
+        {"role": "assistant", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
+    ]
+    assert build_messages("and now?", history, "  Be brief. ") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "and now?"},
+    ]
+    assert build_messages("x", [], "   ") == [{"role": "user", "content": "x"}]
+    assert message_text("plain") == "plain" and message_text(None) == ""
+
+
+def test_app_caps_max_tokens_at_the_context(local):
+    app = build_web_app(local, defaults=ChatSettings(temperature=0.3, top_p=0.8, max_new_tokens=256))
+    props = {c["props"].get("elem_id"): c["props"] for c in app.config["components"]}
+    assert props["max-new-tokens"]["maximum"] == 127          # context 128 minus one prompt token
+    assert props["max-new-tokens"]["value"] == 63             # 256 would leave little room: half the limit
+    assert props["temperature"]["value"] == 0.3 and props["top-p"]["value"] == 0.8
+    assert "parameters:" in props["model-info"]["value"]
+
+
+def test_web_help_has_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["web", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:\n  lmforge web --model smollm2-135m-instruct" in out
+    assert "--server-url" in out and "--api-key" in out and "127.0.0.1" in out and "7860" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["web", "--model", "nano", "--api-key", "k"], "--api-key and --server-model only apply to --server-url"),
+    (["web", "--model", "nano", "--port", "0"], "--port 0 is not a TCP port"),
+    (["web", "--server-url", "localhost:8000"], "server URL 'localhost:8000' is not an http(s) URL"),
+])
+def test_web_bad_arguments_are_user_errors(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_web_needs_a_model_or_a_server(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["web"])
+    assert exit_info.value.code == 2
+    assert "one of the arguments --model --server-url is required" in capsys.readouterr().err
