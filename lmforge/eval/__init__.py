@@ -1,1 +1,27 @@
-"""lmforge.eval"""
+"""lmforge.eval: validation loss, perplexity and bits per byte.
+
+    from lmforge.eval import evaluate_objective
+    metrics = evaluate_objective(model, objective, batches, bytes_per_token=meta.val.bytes_per_token)
+    # {"val_loss": 1.52, "val_ppl": 4.57, "val_bpb": 0.61, "val_accuracy": 0.55}
+
+Names are imported on first use, so importing the package does not load torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "evaluate_objective": "lmforge.eval.loss",
+    "bits_per_byte": "lmforge.eval.loss",
+    "perplexity": "lmforge.eval.loss",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lmforge.eval' has no attribute {name!r}")

@@ -1,0 +1,177 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+    runs/<name>/checkpoints/step-000100/
+        model.safetensors     the weights (a tied output head is stored once, as the embedding)
+        ema.safetensors       the EMA weights, when EMA is on
+        trainer_state.pt      optimizer, GradScaler, schedule, step, RNG states and data-loader
+                              states of every process (tensors and plain containers only, so it
+                              loads with torch.load(weights_only=True))
+        config.yaml           the run's resolved config
+        config.json           the ModelConfig (with model.safetensors, what `lmforge.load` reads)
+        checkpoint.json       step and losses, for people and `lmforge runs`
+    runs/<name>/best.json     the step and validation loss of the best checkpoint
+
+A checkpoint is written into a hidden temporary directory and renamed to `step-NNNNNN` once every
+file is on disk. A rename is atomic, so a kill during a save leaves at most a stray temporary
+directory (ignored and cleaned up) and never a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import UserError
+from ..io import atomic_path, read_json, write_json_atomic, write_text_atomic
+
+CHECKPOINTS = "checkpoints"
+BEST_FILE = "best.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint of the run, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (a tied output head): stored once."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors needs contiguous CPU tensors that do not share memory.
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor],
+                    trainer_state: dict[str, Any], config: dict[str, Any],
+                    ema_state: dict[str, torch.Tensor] | None = None,
+                    model_config: dict[str, Any] | None = None,
+                    summary: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically and return its directory (called on rank 0 only)."""
+    directory = Path(run_dir) / CHECKPOINTS
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / step_dir_name(step)
+    if final.exists():   # this step was already saved (e.g. the final save at a checkpoint step)
+        return final
+    temp = Path(tempfile.mkdtemp(dir=directory, prefix=f"{_TEMP_PREFIX}{final.name}-"))
+    try:
+        _save_tensors(model_state, temp / "model.safetensors")
+        if ema_state is not None:
+            _save_tensors(ema_state, temp / "ema.safetensors")
+        torch.save(trainer_state, temp / "trainer_state.pt")
+        (temp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        if model_config is not None:
+            (temp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n", encoding="utf-8")
+        (temp / "checkpoint.json").write_text(json.dumps({"step": step, **(summary or {})}, indent=2) + "\n",
+                                              encoding="utf-8")
+        for file in temp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(temp)
+        os.rename(temp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete temporary directories left by a save that was killed."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if directory.is_dir():
+        for path in directory.glob(f"{_TEMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = Path(checkpoint) / "trainer_state.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint '{checkpoint}' has no trainer_state.pt; resume from a complete checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UserError(f"'{path}' does not exist; the checkpoint is incomplete")
+    return load_file(str(path))
+
+
+def read_best(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(run_dir) / BEST_FILE
+    return read_json(path, "best-checkpoint record") if path.is_file() else None
+
+
+def record_best(run_dir: str | os.PathLike, step: int, val_loss: float) -> None:
+    write_json_atomic(Path(run_dir) / BEST_FILE,
+                      {"step": step, "val_loss": val_loss, "checkpoint": f"{CHECKPOINTS}/{step_dir_name(step)}"})
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, never the best one. Returns the deleted."""
+    best = read_best(run_dir)
+    best_step = best["step"] if best else None
+    checkpoints = list_checkpoints(run_dir)
+    removable = [(step, path) for step, path in checkpoints[:-keep_last] if step != best_step]
+    for _, path in removable:
+        # Rename first, so a kill mid-delete never leaves a partial `step-*` that looks complete.
+        doomed = path.with_name(f"{_TEMP_PREFIX}deleted-{path.name}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return [path for _, path in removable]
+
+
+def export_model(directory: str | os.PathLike, weights: dict[str, torch.Tensor],
+                 model_config: dict[str, Any] | None) -> None:
+    """`model.safetensors` + `config.json` in `directory`: the format `lmforge.load` reads."""
+    directory = Path(directory)
+    with atomic_path(directory / "model.safetensors") as temp:
+        _save_tensors(weights, temp)
+    if model_config is not None:
+        write_text_atomic(directory / "config.json", json.dumps(model_config, indent=2) + "\n")

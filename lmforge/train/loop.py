@@ -1,0 +1,527 @@
+"""The training loop: one `Trainer` for every objective.
+
+    trainer = Trainer(model, CausalLMObjective(), train_loader, config, run_dir="runs/x",
+                      evaluate=my_eval_fn, tracker=tracker)
+    result = trainer.fit()                    # or trainer.fit(resume_from=checkpoint_dir)
+
+One optimizer step:
+  1. set the learning rate from the schedule;
+  2. take `grad_accum` micro-batches and count the units (tokens) the loss averages over, summed
+     over every micro-batch and every process;
+  3. forward + backward each micro-batch with loss = loss_sum * world_size / units (DDP and FSDP
+     average gradients over processes, hence the world_size), syncing gradients on the last one;
+  4. stop with a clear error if the loss is NaN or inf;
+  5. clip the global gradient norm, step the optimizer, update the EMA.
+Then, at their intervals: evaluate, checkpoint, run hooks (samples), log.
+
+The batch source only needs `next_batch() -> dict` and `state_dict()` / `load_state_dict()`.
+The objective maps (model, batch) to a summed loss (see objectives.py). Evaluation and samples are
+plain callables, so later stages (SFT, DPO, PPO, GRPO) reuse this loop unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model, unwrap,
+                          wrap_data_parallel)
+from .ema import EMA
+from .objectives import Objective
+from .optim import build_optimizer
+from .schedule import LRSchedule
+from .throughput import memory_mb, peak_flops
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BatchSource(Protocol):
+    """A resumable stream of batches (lmforge.data's loaders are ones)."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; training stopped before applying that step."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int                              # optimizer steps done
+    tokens: int                            # training tokens seen (all processes)
+    stop_reason: str                       # "max_steps" | "time_budget"
+    elapsed_seconds: float
+    train_loss: float | None               # loss of the last step
+    eval_metrics: dict[str, float]         # the final evaluation (e.g. val_loss, val_ppl, val_bpb)
+    checkpoint: Path | None                # the final checkpoint
+    best: dict[str, Any] | None            # {"step", "val_loss", "checkpoint"} of the best checkpoint
+    history: list[dict[str, float]] = field(default_factory=list)   # every logged row
+
+
+class Trainer:
+    """Trains `model` on batches from `batches` to minimise `objective`.
+
+    Args:
+        model: an nn.Module on the CPU; the trainer moves, shards, compiles and wraps it.
+        objective: turns (model, batch) into a summed loss and metrics (objectives.py).
+        batches: a resumable batch source, already split by rank (each process different data).
+        config: the loop's settings (TrainConfig or a subclass).
+        run_dir: where checkpoints go (rank 0 writes; the tracker writes the logs).
+        context: the distributed context (default: one process on config.device).
+        evaluate: called as evaluate(model) inside torch.no_grad, eval mode, autocast and the EMA
+            weights; returns metrics (summed over processes by the callable itself). "val_loss",
+            if present, selects the best checkpoint.
+        hooks: objects with optional methods on_step_end(trainer, step, row) and
+            on_train_end(trainer, step); e.g. periodic samples (use trainer.eval_model()).
+        tracker: a lmforge.track.Tracker (or None for no logs).
+        progress: a lmforge.track.TrainProgress (or None).
+        flops_per_token: training FLOPs per token, for MFU (None: MFU not reported).
+        config_dict: the config saved in checkpoints (default: config's fields).
+        model_config: saved as config.json beside the weights (default: model.config.to_dict()).
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, batches: BatchSource, config: TrainConfig, *,
+                 run_dir: str | Path, context: DistributedContext | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 hooks: list[Any] | tuple[Any, ...] = (), tracker: Any = None, progress: Any = None,
+                 flops_per_token: float | None = None, config_dict: dict[str, Any] | None = None,
+                 model_config: dict[str, Any] | None = None) -> None:
+        from .distributed import pick_device
+
+        self.config = config
+        self.context = context or DistributedContext(device=pick_device(config.device))
+        self.device = self.context.device
+        self.objective, self.batches, self.evaluate = objective, batches, evaluate
+        self.hooks, self.tracker, self.progress = list(hooks), tracker, progress
+        self.run_dir = Path(run_dir)
+        self.config_dict = config_dict if config_dict is not None else _config_dict(config)
+        if model_config is None and hasattr(getattr(model, "config", None), "to_dict"):
+            model_config = {"format": "lmforge", **model.config.to_dict()}   # what lmforge.load reads
+        self.model_config = model_config
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise UserError("precision=fp16 needs a GPU (its GradScaler is CUDA-only); use precision=bf16 on CPU")
+        if config.precision == "fp16" and self.context.is_distributed and config.distributed == "fsdp":
+            # GradScaler would decide to skip a step from each process's own gradient shard.
+            raise UserError("precision=fp16 is not supported with distributed=fsdp; use precision=bf16")
+
+        # raw: the module whose parameters are trained (sharded in place by FSDP);
+        # inner: raw, compiled if asked; model: inner under DDP, what the objective calls.
+        self.raw = model.to(self.device)
+        if config.activation_checkpointing:
+            _enable_activation_checkpointing(self.raw)
+        if self.context.is_distributed and config.distributed == "fsdp":
+            shard_model(self.raw)
+        self.optimizer = build_optimizer(self.raw, config)
+        self.ema = EMA(self.raw, config.ema_decay) if config.ema_decay > 0 else None
+        self.inner = torch.compile(self.raw) if config.compile else self.raw
+        self.model = (wrap_data_parallel(self.inner, self.context)
+                      if self.context.is_distributed and config.distributed == "ddp" else self.inner)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.schedule = LRSchedule(config.schedule, config.lr, config.min_lr, config.warmup_steps,
+                                   config.decay_fraction)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = (peak_flops(self.device, config.precision, config.peak_flops)
+                           if flops_per_token and self.context.is_main else None)
+
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0            # training time of earlier sessions (resume)
+        self.best_val_loss: float | None = None
+        self.history: list[dict[str, float]] = []
+        self._horizon = config.max_steps or max(1, config.warmup_steps)
+        self._session_start = time.perf_counter()
+        self.eval_metrics: dict[str, float] = {}   # the latest evaluation
+        self._eval_step = -1
+        self._saved_step = -1
+        self._train_logged_step = -1
+        self._time_up = False
+        self._step_seconds: list[float] = []
+        self._window = _ThroughputWindow()
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume_from: str | Path | None = None) -> RunResult:
+        """Train until max_steps or the time budget; then evaluate, checkpoint and export."""
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        else:
+            _seed_everything(self.config.seed + self.context.rank)
+        if self.context.is_main:
+            ckpt.remove_stale_temporaries(self.run_dir)
+        self._session_start = time.perf_counter()
+        self.raw.train()
+        stop_reason, last = "max_steps", None
+        while True:
+            if self.config.max_steps is not None and self.step >= self.config.max_steps:
+                break
+            if self._time_up:
+                stop_reason = "time_budget"
+                break
+            started = time.perf_counter()
+            last = self.train_step()
+            seconds = time.perf_counter() - started
+            self.step += 1
+            self.tokens += last.tokens
+            self._step_seconds.append(seconds)
+            self._window.add(last.tokens, seconds)
+
+            row: dict[str, float] = {}
+            if self._due(self.config.log_interval) or self.step == 1:
+                row.update(self._train_row(last))
+            checkpoint_due = self._due(self.config.checkpoint_interval)
+            if self.evaluate is not None and (self._due(self.config.eval_interval) or checkpoint_due):
+                row.update(self.run_evaluation())
+            self._log(row)
+            if self.progress is not None:
+                self.progress.update(self.step, row)
+            for hook in self.hooks:
+                if hasattr(hook, "on_step_end"):
+                    hook.on_step_end(self, self.step, row)
+            # Last, so that a run killed right after the save has logged everything up to it.
+            if checkpoint_due:
+                self.save_checkpoint(row.get("val_loss"), last.loss)
+
+        # Whatever stopped the run: a final evaluation, checkpoint and model export.
+        row = {}
+        if last is not None and self._train_logged_step != self.step:
+            row.update(self._train_row(last))
+        if self.evaluate is not None and self._eval_step != self.step:
+            row.update(self.run_evaluation())
+        self._log(row)
+        for hook in self.hooks:
+            if hasattr(hook, "on_train_end"):
+                hook.on_train_end(self, self.step)
+        checkpoint = self.save_checkpoint(self.eval_metrics.get("val_loss"), last.loss if last else None)
+        self.export_model(self.run_dir)
+        return RunResult(
+            run_dir=self.run_dir, step=self.step, tokens=self.tokens, stop_reason=stop_reason,
+            elapsed_seconds=self.elapsed_seconds, train_loss=last.loss if last else None,
+            eval_metrics=dict(self.eval_metrics), checkpoint=checkpoint,
+            best=ckpt.read_best(self.run_dir) if self.context.is_main else None, history=list(self.history),
+        )
+
+    def train_step(self) -> "StepStats":
+        """One optimizer step (self.step is the number of steps done before it)."""
+        config, context = self.config, self.context
+        lr = self.schedule.lr_at(self.step, self._horizon)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum)]
+        units = context.all_reduce_sum(torch.tensor(
+            float(sum(self.objective.units(batch) for batch in micro_batches)), device=self.device)).item()
+        if units == 0:
+            raise UserError(f"step {self.step + 1} has no tokens to predict (every label is ignored); "
+                            "check the data")
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for index, batch in enumerate(micro_batches):
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            tokens += batch["input_ids"].numel()
+            with gradient_sync(self.model, self.raw, enabled=index == len(micro_batches) - 1):
+                with self.autocast():
+                    output = self.objective(self.model, batch)
+                self.scaler.scale(output.loss * (context.world_size / units)).backward()
+            loss_sum += output.loss.detach().float()
+            for name, value in output.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().float()
+
+        # One all-reduce carries the loss, metrics, tokens and rank 0's view of the clock.
+        names = sorted(metric_sums)
+        elapsed = self.elapsed_seconds
+        budget = config.max_minutes * 60 if config.max_minutes is not None else None
+        clock = [float(budget is not None and elapsed >= budget), self._estimate_horizon(elapsed, budget)]
+        local = torch.stack([loss_sum, *(metric_sums[name] for name in names),
+                             torch.tensor(float(tokens), device=self.device),
+                             *(torch.tensor(value if context.is_main else 0.0, device=self.device) for value in clock)])
+        totals = context.all_reduce_sum(local).tolist()
+        loss = totals[0] / units
+        metrics = {name: totals[1 + i] / units for i, name in enumerate(names)}
+        tokens, time_up, horizon = int(totals[-3]), totals[-2] > 0, int(totals[-1])
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._log({"loss": loss, "lr": lr}, step=self.step + 1)
+            raise NonFiniteLossError(self._non_finite_message(loss))
+
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.raw.parameters() if p.grad is not None]
+        if config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw)
+        self._time_up, self._horizon = time_up, max(horizon, self.step + 1)
+        return StepStats(loss, metrics, float(full_tensor(grad_norm)), tokens, lr)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @contextlib.contextmanager
+    def eval_model(self) -> Iterator[nn.Module]:
+        """The model to evaluate or sample from: eval mode, no grad, autocast, EMA weights if on.
+
+        Every process must enter it together (an FSDP forward is a collective)."""
+        was_training = self.raw.training
+        self.raw.eval()
+        ema = self.ema.applied(self.raw) if self.ema is not None else contextlib.nullcontext()
+        try:
+            with ema, torch.no_grad(), self.autocast():
+                yield self.inner
+        finally:
+            self.raw.train(was_training)
+
+    def run_evaluation(self) -> dict[str, float]:
+        with self.eval_model() as model:
+            self.eval_metrics = {name: float(value) for name, value in self.evaluate(model).items()}
+        self._eval_step = self.step
+        return dict(self.eval_metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, val_loss: float | None, train_loss: float | None) -> Path:
+        """Save a checkpoint of the current step (every process must call it); returns its path."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        path = self.run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(self.step)
+        if self._saved_step == self.step:
+            return path
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.raw, options=full)
+        optimizer_state = get_optimizer_state_dict(self.raw, self.optimizer, options=full)
+        ema_state = ({name: full_tensor(t).cpu() for name, t in self.ema.state_dict().items()}
+                     if self.ema is not None else None)
+        rng_states = self.context.gather_objects(_rng_state())
+        loader_states = self.context.gather_objects(self.batches.state_dict())
+        if self.context.is_main:
+            aliases = ckpt.tied_aliases(self.raw)
+            trainer_state = {
+                "step": self.step, "tokens": self.tokens, "elapsed_seconds": self.elapsed_seconds,
+                "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
+                "rng": rng_states, "loader": loader_states, "world_size": self.context.world_size,
+                "best_val_loss": self.best_val_loss,
+            }
+            summary = {"val_loss": val_loss, "train_loss": train_loss, "tokens": self.tokens}
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, {k: v for k, v in model_state.items() if k not in aliases},
+                trainer_state, self.config_dict,
+                ema_state={k: v for k, v in ema_state.items() if k not in aliases} if ema_state else None,
+                model_config=self.model_config, summary=summary)
+            if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
+                self.best_val_loss = val_loss
+                ckpt.record_best(self.run_dir, self.step, val_loss)
+            ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
+        self.best_val_loss = self.context.gather_objects(self.best_val_loss)[0]
+        self._saved_step = self.step
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimizer, scaler, EMA, step, RNG and data position from a checkpoint."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        path = Path(path)
+        state = ckpt.load_trainer_state(path)
+        if state["world_size"] != self.context.world_size:
+            raise UserError(f"checkpoint '{path}' was saved by {state['world_size']} processes, but this run has "
+                            f"{self.context.world_size}; resume with the same number of processes")
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        weights = ckpt.load_tensors(path / "model.safetensors")
+        incompatible = set_model_state_dict(self.raw, weights, options=full)
+        missing = set(incompatible.missing_keys) - ckpt.tied_aliases(self.raw)
+        if missing or incompatible.unexpected_keys:
+            raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
+        set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            ema_file = path / "ema.safetensors"
+            ema_weights = ckpt.load_tensors(ema_file) if ema_file.is_file() else weights
+            self.ema.load_state_dict(_shard_like(ema_weights, self.ema.shadow), state["ema_updates"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.elapsed_before = state["elapsed_seconds"]
+        self.best_val_loss = state["best_val_loss"]
+        self.batches.load_state_dict(state["loader"][self.context.rank])
+        _set_rng_state(state["rng"][self.context.rank])
+        self._horizon = self.config.max_steps or max(self.step + 1, self.config.warmup_steps)
+        self._saved_step = self.step
+
+    def export_model(self, directory: str | Path) -> None:
+        """Write the weights evaluation uses (EMA if on) as model.safetensors + config.json."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        ema = self.ema.applied(self.raw) if self.ema is not None else contextlib.nullcontext()
+        with ema:
+            weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            weights = {name: tensor.clone() for name, tensor in weights.items()}
+        if self.context.is_main:
+            aliases = ckpt.tied_aliases(self.raw)
+            ckpt.export_model(directory, {k: v for k, v in weights.items() if k not in aliases}, self.model_config)
+        self.context.barrier()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._session_start
+
+    def _estimate_horizon(self, elapsed: float, budget: float | None) -> float:
+        """The step count the schedule decays to: max_steps, or what the time budget allows."""
+        if budget is None:
+            return float(self.config.max_steps)
+        measured = self._step_seconds[1:] or self._step_seconds   # the first step includes warm-up
+        if not measured:
+            return float(self._horizon)
+        seconds_per_step = sum(measured[-50:]) / len(measured[-50:])
+        estimate = self.step + 1 + max(0.0, budget - elapsed) / seconds_per_step
+        if self.config.max_steps is not None:
+            estimate = min(estimate, self.config.max_steps)
+        return float(int(estimate))
+
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    def _train_row(self, stats: "StepStats") -> dict[str, float]:
+        """The logged training figures of the last step; throughput over the steps since the last row."""
+        tokens_per_s = self._window.rate()
+        row = {"loss": stats.loss, **stats.metrics, "lr": stats.lr, "grad_norm": stats.grad_norm,
+               "tokens": self.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_seconds,
+               "memory_mb": memory_mb(self.device)}
+        if self.peak_flops:
+            row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.context.world_size)
+        self._window.reset()
+        self._train_logged_step = self.step
+        return row
+
+    def _log(self, row: dict[str, float], step: int | None = None) -> None:
+        if not row:
+            return
+        step = self.step if step is None else step
+        self.history.append({"step": step, **row})
+        if self.tracker is not None:
+            self.tracker.log(step, row)
+        if self.progress is not None:
+            if "val_loss" in row:
+                described = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val_"))
+                self.progress.print(f"step {step}: {described}")
+
+    def _non_finite_message(self, loss: float) -> str:
+        checkpoints = ckpt.list_checkpoints(self.run_dir)
+        kept = (f"the last good checkpoint is '{checkpoints[-1][1]}'" if checkpoints
+                else "no checkpoint was saved before it")
+        return (f"the training loss became {loss} at step {self.step + 1}, so training stopped ({kept}); "
+                "lower lr, raise warmup_steps, keep grad_clip on, or use precision=bf16 instead of fp16")
+
+
+@dataclass
+class StepStats:
+    loss: float                  # mean loss over the step's units (all micro-batches, all processes)
+    metrics: dict[str, float]    # the objective's metrics, also means over units
+    grad_norm: float             # global gradient norm before clipping
+    tokens: int                  # input tokens of the step (all processes)
+    lr: float
+
+
+class _ThroughputWindow:
+    """Tokens and training seconds since the last log (evaluation and checkpoint time excluded)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on the model's own switch (lmforge's Transformer has `gradient_checkpointing`)."""
+    switches = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    if not switches:
+        raise UserError(f"{type(model).__name__} has no gradient_checkpointing switch; "
+                        "set activation_checkpointing=false")
+    for module in switches:
+        module.gradient_checkpointing = True
+
+
+def _shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors laid out like `like` (sharded DTensors under FSDP, plain tensors otherwise)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, reference in like.items():
+        if isinstance(reference, DTensor):
+            out[name] = distribute_tensor(full[name].to(reference.device_mesh.device_type),
+                                          reference.device_mesh, reference.placements)
+        else:
+            out[name] = full[name].to(reference.device)
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # numpy's key array becomes a list, so the state loads with weights_only=True.
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs tuples; a round trip through a checkpoint may give lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

