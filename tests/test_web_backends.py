@@ -5,6 +5,8 @@ controls' limits, and `lmforge web`'s command line. The browser test is tests/te
 """
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from lmforge.cli import main
@@ -12,7 +14,7 @@ from lmforge.errors import UserError
 from lmforge.model.info import count_parameters
 from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer
-from lmforge.serve.web import build_messages, build_web_app, message_text
+from lmforge.serve.web import build_messages, build_web_app, launch, message_text
 from lmforge.serve.web_backends import ChatSettings, LocalBackend, RemoteBackend, human_count
 from web_support import MODEL_NAME, PROMPT, REPLY, one_torch_thread, tiny_chat_engine, train_tiny_chat_model
 
@@ -109,6 +111,15 @@ def test_app_caps_max_tokens_at_the_context(local):
     assert props["max-new-tokens"]["value"] == 63             # 256 would leave little room: half the limit
     assert props["temperature"]["value"] == 0.3 and props["top-p"]["value"] == 0.8
     assert "parameters:" in props["model-info"]["value"]
+
+
+def test_launch_on_a_busy_port_is_a_user_error(local):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=rf"127.0.0.1:{port} \(the port is already in use\); pick a free port"):
+            launch(build_web_app(local), host="127.0.0.1", port=port, block=False)
 
 
 def test_web_help_has_an_example(capsys):

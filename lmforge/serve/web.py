@@ -109,7 +109,9 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: boo
     """Serve `app` at http://host:port without share links; `block=False` returns at once (tests)."""
     try:
         app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
-                   prevent_thread_lock=not block, show_error=True, quiet=not block, mcp_server=False)
+                   prevent_thread_lock=not block, show_error=True, quiet=True, mcp_server=False)
     except OSError as error:
-        raise UserError(f"cannot serve the web demo on {host}:{port} ({error}); "
-                        "pick a free port with --port") from None
+        # Gradio reports a taken port as "Cannot find empty port in range: P-P"; say it plainly.
+        reason = "the port is already in use" if "empty port" in str(error) else str(error)
+        raise UserError(f"cannot serve the web demo on {host}:{port} ({reason}); "
+                        "pick a free port with --port or another --host") from None
