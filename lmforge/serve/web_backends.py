@@ -101,7 +101,7 @@ class LocalBackend(ChatBackend):
         config = model.config
         counts = count_parameters(config)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        template = "yes" if getattr(tokenizer, "chat_template", None) else "no (a plain fallback format is used)"
+        template = "its own" if getattr(tokenizer, "chat_template", None) else "none, ChatML is used"
         lines = [
             f"**Model:** `{self.name}` (loaded in this process)",
             "",
