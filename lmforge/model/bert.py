@@ -45,7 +45,9 @@ class BERT(nn.Module):
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, d] (or [N, d] for the masked positions only) -> [..., vocab_size]."""
-        return self.mlm_decoder(self.mlm_norm(F.gelu(self.mlm_transform(hidden))))
+        # The transform uses the trunk's GELU variant, as HF's BertPredictionHeadTransform does.
+        approximate = "tanh" if self.config.mlp == "gelu_tanh" else "none"
+        return self.mlm_decoder(self.mlm_norm(F.gelu(self.mlm_transform(hidden), approximate=approximate)))
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, d] -> [B, d]: tanh(dense(h_[CLS]))."""
