@@ -29,12 +29,10 @@ def one_thread() -> Iterator[None]:
 
 @functools.lru_cache(maxsize=1)
 def tiny_model_dir() -> Path:
-    """A saved tiny model directory (config.json, model.safetensors, tokenizer files)."""
-    from safetensors.torch import save_file
-
+    """A tiny model saved in the lmforge format (config.json, model.safetensors, tokenizer/)."""
     from lmforge.assets import shakespeare_play_files
-    from lmforge.io import write_json_atomic
     from lmforge.model import build_model, get_preset
+    from lmforge.model.loading import save_pretrained
     from lmforge.tokenizer.train import train_bpe_on_texts
 
     text = shakespeare_play_files()[0].read_text(encoding="utf-8")[20_000:60_000]
@@ -53,22 +51,13 @@ def tiny_model_dir() -> Path:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    directory = Path(tempfile.mkdtemp(prefix="lmforge-infer-tiny-"))
-    write_json_atomic(directory / "config.json", model.config.to_dict())
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
-               if name != "lm_head.weight"}, str(directory / "model.safetensors"))
-    tokenizer.save(directory)
+    directory = Path(tempfile.mkdtemp(prefix="lmforge-infer-tiny-")) / "tiny-shakespeare"
+    save_pretrained(model, tokenizer, directory)
     return directory
 
 
 def load_tiny():
     """(model, tokenizer) of the tiny trained model, loaded fresh."""
-    # TEMPORARY until lmforge.load lands
-    import json
-    from safetensors.torch import load_file
-    from lmforge.model import GPT, ModelConfig
-    from lmforge.tokenizer.bpe import BPETokenizer
-    directory = tiny_model_dir()
-    model = GPT(ModelConfig.from_dict(json.loads((directory / "config.json").read_text())))
-    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
-    return model.eval(), BPETokenizer.load(directory)
+    import lmforge
+
+    return lmforge.load(str(tiny_model_dir()))

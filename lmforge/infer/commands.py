@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import HelpFormatter
+from ..errors import UserError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="REF",
                         help="a run/checkpoint dir, an HF dir, a .gguf file, a preset, or smollm2-135m-instruct")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch; small models on a busy machine are often fastest with 1")
     parser.add_argument("--context-policy", choices=["truncate_left", "error"], default="truncate_left",
                         help="a prompt too long for the context (with the tokens to generate): drop its oldest tokens, or refuse")
 
@@ -60,8 +63,12 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load(args.model)
-    model = model.to(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model, device=device)
+    if tokenizer is None:
+        raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
+                        "pass a trained model directory, a run, an HF directory or a .gguf file")
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
                   max_seq_len=max_seq_len)
 

@@ -33,6 +33,9 @@ from .sampling import BatchSampler, SamplingParams
 from .text import TextStream
 
 CONTEXT_POLICIES = ("truncate_left", "error")
+# The KV cache holds max_batch_size x context positions per layer; long-context models (SmolLM2:
+# 8192) would need gigabytes for a full batch, so the served context is capped unless asked.
+DEFAULT_MAX_SEQ_LEN = 2048
 # Specials that end a turn or a document, for tokenizers that do not name their own end token.
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
 
@@ -91,7 +94,14 @@ class Sequence:
 
 
 class Engine:
-    """Batched generation for any causal LM with a KV cache (`lmforge.load` returns one)."""
+    """Batched generation for any causal LM with a KV cache (`lmforge.load` returns one).
+
+    max_batch_size: KV-cache rows, i.e. sequences decoded together; more wait in a queue.
+    context_policy: what a too-long prompt gets: "truncate_left" (keep its last tokens) or "error".
+    max_seq_len: the context served (prompt + new tokens); default min(model's, 2048).
+    max_prefill_tokens: padded prompt tokens prefilled per step, so that a burst of long prompts
+        does not stall the running sequences for long.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 16,
                  context_policy: str = "truncate_left", max_seq_len: int | None = None,
@@ -106,7 +116,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_policy = context_policy
-        self.context_length = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.context_length = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, model.config.max_seq_len)
         self.max_prefill_tokens = max_prefill_tokens
         self.device = next(model.parameters()).device
         self.cache = model.new_kv_cache(max_batch_size, self.context_length)

@@ -1,0 +1,74 @@
+"""`lmforge generate` and `lmforge chat` on the tiny trained model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infer_support import load_tiny, one_thread, tiny_model_dir
+from lmforge.cli import main
+from lmforge.infer import Engine, SamplingParams, render_chat
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def test_generate_streams_the_engine_output(capsys):
+    model, tokenizer = load_tiny()
+    expected = Engine(model, tokenizer).generate(["ROMEO:"], SamplingParams(max_new_tokens=10))[0].text
+    code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "ROMEO:", "--max-new-tokens", "10",
+                 "--temperature", "0", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == expected + "\n"
+    assert "tokens/s" in err
+
+
+def test_generate_batch_and_chat_mode(capsys):
+    model, tokenizer = load_tiny()
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, seed=4)
+    chat_prompt = render_chat(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    expected = Engine(model, tokenizer).generate([chat_prompt], params)[0].text
+    code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "Hi", "--prompt", "Hi", "--chat",
+                 "--system", "Be brief.", "--max-new-tokens", "6", "--temperature", "0.9", "--seed", "4"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert out == f"--- [0] 'Hi'\n{expected}\n--- [1] 'Hi'\n{expected}\n"
+
+
+def test_generate_bad_settings_exit_2_with_one_line(capsys):
+    assert main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--model", "no/such/model", "--prompt", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_chat_keeps_turns_and_handles_commands_when_stdin_is_a_pipe():
+    """A subprocess with piped stdin: two turns, /system, /reset, then one more turn."""
+    model, tokenizer = load_tiny()
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
+    first = engine.generate([render_chat(tokenizer, [{"role": "user", "content": "Hail"}])], params)[0].text
+    history = [{"role": "user", "content": "Hail"}, {"role": "assistant", "content": first},
+               {"role": "system", "content": "Speak in verse."}, {"role": "user", "content": "And then?"}]
+    # /system sets the system prompt for the next turns; the template puts it first.
+    second_prompt = render_chat(tokenizer, [history[2], *history[:2], history[3]])
+    second = engine.generate([second_prompt], params)[0].text
+    after_reset = engine.generate([render_chat(tokenizer, [history[2], {"role": "user", "content": "Hail"}])],
+                                  params)[0].text
+
+    script = "Hail\n/system Speak in verse.\nAnd then?\n/reset\nHail\n/bogus\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "lmforge", "chat", "--model", str(tiny_model_dir()), "--max-new-tokens", "8",
+         "--temperature", "0.8", "--top-p", "1", "--seed", "5"],
+        input=script, capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split("\n")[:6] == [
+        first, "[system prompt set]", second, "[conversation reset]", after_reset,
+        "[unknown command /bogus; commands: /reset (new conversation), /system TEXT (set the system prompt), /exit]"]
