@@ -47,8 +47,15 @@ def _load(args: argparse.Namespace):
     return model, require_tokenizer(tokenizer, args.model)
 
 
-def run_attention(args: argparse.Namespace) -> int:
+def _console():
     from rich.console import Console
+
+    console = Console()
+    # Piped output would be squeezed into 80 columns; the tables read better wider.
+    return console if console.is_terminal else Console(width=160)
+
+
+def run_attention(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .attention import capture_attention, draw_attention_grid, pick_layer, summarize_heads
@@ -60,7 +67,7 @@ def run_attention(args: argparse.Namespace) -> int:
     probs = capture_attention(model, model_inputs(model, ids))[layer][0]          # [H, T, T]
     labels = [token_label(tokenizer, index) for index in ids]
     out = draw_attention_grid(probs, labels, args.out, title=f"{args.model}: layer {layer}")
-    console = Console()
+    console = _console()
     table = Table(title=f"layer {layer}: where each head looks (share of queries whose strongest key is ...)",
                   header_style="bold")
     for column in ("head", "previous token", "first token", "itself", "entropy (bits)", "pattern"):
@@ -74,8 +81,6 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_io(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..errors import UserError
     from .model_io import inspect_io, render_io
 
@@ -86,8 +91,5 @@ def run_io(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)   # piped output: do not squeeze the tables into 80 columns
-        render_io(report, console, tokenizer)
+        render_io(report, _console(), tokenizer)
     return 0

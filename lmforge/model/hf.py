@@ -255,7 +255,8 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
         d_ff=hf.get("intermediate_size", 11008), mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         position="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_interleaved=False, qkv_bias=qkv_bias, attn_out_bias=out_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        # MistralConfig's default window is 4096 when config.json does not say (null means none).
+        sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,
         tie_embeddings=hf.get("tie_word_embeddings", False), pad_id=hf.get("pad_token_id"),
     ).validate()
 

@@ -122,6 +122,11 @@ def is_lmforge_config(data: dict[str, Any]) -> bool:
 def _locate_directory(directory: Path) -> ModelSource:
     if (directory / "checkpoints").is_dir():
         return _locate_run(directory)
+    return _locate_model_directory(directory)
+
+
+def _locate_model_directory(directory: Path) -> ModelSource:
+    """A directory with config.json: ours (model or checkpoint) or Hugging Face's."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"'{directory}' has no config.json; give a model directory (config.json + "
@@ -152,24 +157,17 @@ def _locate_run(run_dir: Path) -> ModelSource:
     elif checkpoints:
         chosen, why = checkpoints[max(checkpoints)], "latest"
     elif (run_dir / "config.json").is_file() and (run_dir / "model.safetensors").is_file():
-        source = _locate_directory_files(run_dir)
+        source = _locate_model_directory(run_dir)
         source.description = f"lmforge run '{run_dir}' (final weights; no checkpoint)"
         return source
     else:
         raise UserError(f"run directory '{run_dir}' has no complete checkpoint in checkpoints/ yet; "
                         "train longer or point to another run")
-    source = _locate_directory(chosen)
+    source = _locate_model_directory(chosen)
     source.description = f"lmforge run '{run_dir}': {chosen.name} ({why})"
     if source.tokenizer is None and (run_dir / "tokenizer").is_dir():
         source.tokenizer = run_dir / "tokenizer"
     return source
-
-
-def _locate_directory_files(directory: Path) -> ModelSource:
-    """A run's final export (config.json + model.safetensors at the run's top level)."""
-    tokenizer = directory / "tokenizer"
-    return ModelSource("lmforge", f"lmforge model directory '{directory}'", path=directory,
-                       weights=directory / "model.safetensors", tokenizer=tokenizer if tokenizer.is_dir() else None)
 
 
 # ----------------------------------------------------------------------------- configs (cheap)
