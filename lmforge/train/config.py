@@ -132,6 +132,9 @@ class PretrainConfig(TrainConfig):
             raise UserError(f"mask_prob must be in (0, 1), not {self.mask_prob}; fix the config")
         if self.sample_interval < 0 or self.sample_tokens < 0 or self.temperature < 0 or self.top_k < 0:
             raise UserError("sample_interval, sample_tokens, temperature and top_k must be >= 0; fix the config")
+        if self.sample_tokens >= self.model.max_seq_len:
+            raise UserError(f"sample_tokens ({self.sample_tokens}) must be below model.max_seq_len "
+                            f"({self.model.max_seq_len}) to leave room for the prompt; lower sample_tokens")
         if self.seq_len > self.model.max_seq_len:
             raise UserError(f"seq_len ({self.seq_len}) is longer than model.max_seq_len ({self.model.max_seq_len}); "
                             "lower seq_len or raise model.max_seq_len")

@@ -94,7 +94,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
         hooks = []
         if causal and config.sample_tokens > 0:
             hooks.append(SampleHook(tokenizer, config.sample_prompt, config.sample_interval, config.sample_tokens,
-                                    config.model.max_seq_len, config.temperature, config.top_k, config.seed))
+                                    config.temperature, config.top_k, config.seed))
         trainer = Trainer(model, objective, train_batches, config, run_dir=run_dir, context=context,
                           evaluate=evaluate, hooks=hooks, tracker=tracker, progress=progress,
                           flops_per_token=flops_per_token(config.model, config.seq_len),
