@@ -222,3 +222,25 @@ def test_peak_flops_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "measure_matmul_flops", must_not_measure)
     assert throughput.peak_flops(torch.device("cpu"), "fp32") == measured
     assert throughput.peak_flops(torch.device("cpu"), "fp32", configured=5e12) == 5e12
+
+
+def test_evaluation_and_export_use_the_ema_weights(tmp_path):
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.get_parameter("transformer.final_norm.weight").detach().clone())
+        return {"val_loss": 1.0}
+
+    trainer = Trainer(tiny_gpt(), CausalLMObjective(), CountingBatches(4, 16), _config(max_steps=6, ema_decay=0.9),
+                      run_dir=tmp_path, evaluate=evaluate)
+    trainer.fit()
+    ema_weight = trainer.ema.shadow["transformer.final_norm.weight"]
+    raw_weight = trainer.raw.get_parameter("transformer.final_norm.weight").detach()
+    assert not torch.allclose(ema_weight, raw_weight)
+    assert torch.equal(seen[-1], ema_weight)                 # evaluated with the EMA...
+    from lmforge.train.checkpoint import load_tensors
+
+    assert torch.equal(load_tensors(tmp_path / "model.safetensors")["transformer.final_norm.weight"], ema_weight)
+    assert torch.equal(load_tensors(tmp_path / "checkpoints" / "step-000006" / "ema.safetensors")[
+        "transformer.final_norm.weight"], ema_weight)
+    assert trainer.raw.training                              # ...and back to the raw weights in train mode

@@ -120,7 +120,7 @@ def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, step
                          "peak_flops=1e12", "progress=false"])
         torch.save({"exit_code": code}, f"{out_dir}/cli-rank{rank}.pt")
     finally:
-        shutdown_distributed()
+        shutdown_distributed(context)
 
 
 def make_shakespeare_shards(root) -> tuple[str, str]:

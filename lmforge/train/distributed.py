@@ -26,6 +26,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_process_group: bool = False     # this context created the process group (and ends it)
 
     @property
     def is_main(self) -> bool:
@@ -81,14 +82,17 @@ def init_distributed(device_request: str = "auto") -> DistributedContext:
     device = pick_device(device_request, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                              owns_process_group=owns)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
+def shutdown_distributed(context: DistributedContext) -> None:
+    """Leave the process group if `context` joined it (a caller's own group is left alone)."""
+    if context.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

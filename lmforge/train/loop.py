@@ -21,6 +21,7 @@ plain callables, so later stages (SFT, DPO, PPO, GRPO) reuse this loop unchanged
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -35,7 +36,7 @@ from torch import nn
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model, unwrap,
+from .distributed import (DistributedContext, full_tensor, gradient_sync, pick_device, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
 from .objectives import Objective
@@ -100,15 +101,13 @@ class Trainer:
                  hooks: list[Any] | tuple[Any, ...] = (), tracker: Any = None, progress: Any = None,
                  flops_per_token: float | None = None, config_dict: dict[str, Any] | None = None,
                  model_config: dict[str, Any] | None = None) -> None:
-        from .distributed import pick_device
-
-        self.config = config
+        self.config = config.validate()
         self.context = context or DistributedContext(device=pick_device(config.device))
         self.device = self.context.device
         self.objective, self.batches, self.evaluate = objective, batches, evaluate
         self.hooks, self.tracker, self.progress = list(hooks), tracker, progress
         self.run_dir = Path(run_dir)
-        self.config_dict = config_dict if config_dict is not None else _config_dict(config)
+        self.config_dict = config_dict if config_dict is not None else dataclasses.asdict(config)
         if model_config is None and hasattr(getattr(model, "config", None), "to_dict"):
             model_config = {"format": "lmforge", **model.config.to_dict()}   # what lmforge.load reads
         self.model_config = model_config
@@ -464,12 +463,6 @@ class _ThroughputWindow:
 
     def reset(self) -> None:
         self.tokens, self.seconds = 0, 0.0
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:

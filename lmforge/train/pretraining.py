@@ -49,7 +49,9 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
     context = init_distributed(config.device)
     tracker = progress = None
     try:
-        run_dir = _writable_run_dir(config.run_dir)
+        run_dir = config.run_dir
+        if context.is_main:          # only rank 0 writes
+            _check_writable(run_dir)
         meta = read_meta(config.data)
         tokenizer = _load_tokenizer(config, meta)
         # The vocabulary is the tokenizer's, whatever the preset says.
@@ -111,12 +113,12 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
             progress.close()
         if tracker is not None:
             tracker.close()
-        shutdown_distributed()
+        shutdown_distributed(context)
 
 
-def _writable_run_dir(run_dir: Path) -> Path:
+def _check_writable(run_dir: Path) -> None:
     try:
-        return ensure_writable_dir(run_dir)
+        ensure_writable_dir(run_dir)
     except UserError as error:
         raise UserError(f"{error}".replace("with --out", "with out_dir=PATH (or name=NAME)")) from None
 
