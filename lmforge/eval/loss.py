@@ -43,19 +43,20 @@ def evaluate_objective(model: nn.Module, objective, batches: Iterable[dict[str, 
         reduce: sums a tensor over distributed processes (each evaluated its own batches).
     Returns: {prefix + "loss", prefix + "ppl", [prefix + "bpb"], prefix + each objective metric}.
     """
-    loss_sum = torch.zeros((), device=device)
+    # float64 sums: a large evaluation adds up millions of per-token losses.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     units = 0
     metric_sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         output = objective(model, batch)
-        loss_sum += output.loss.float()
+        loss_sum += output.loss.double()
         units += objective.units(batch)
         for name, value in output.metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.float()
+            metric_sums[name] = metric_sums.get(name, 0.0) + value.double()
     names = sorted(metric_sums)
-    totals = torch.stack([loss_sum, torch.tensor(float(units), device=device),
-                          *(torch.as_tensor(metric_sums[name], device=device) for name in names)])
+    totals = torch.stack([loss_sum, torch.tensor(float(units), dtype=torch.float64, device=device),
+                          *(metric_sums[name] for name in names)])
     if reduce is not None:
         totals = reduce(totals)
     total_nats, total_units, *sums = totals.tolist()

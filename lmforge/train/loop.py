@@ -221,8 +221,10 @@ class Trainer:
             group["lr"] = lr
 
         micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum)]
+        # float64 keeps the counts exact whatever the run's size.
         units = context.all_reduce_sum(torch.tensor(
-            float(sum(self.objective.units(batch) for batch in micro_batches)), device=self.device)).item()
+            float(sum(self.objective.units(batch) for batch in micro_batches)), dtype=torch.float64,
+            device=self.device)).item()
         if units == 0:
             raise UserError(f"step {self.step + 1} has no tokens to predict (every label is ignored); "
                             "check the data")
@@ -245,9 +247,10 @@ class Trainer:
         elapsed = self.elapsed_seconds
         budget = config.max_minutes * 60 if config.max_minutes is not None else None
         clock = [float(budget is not None and elapsed >= budget), self._estimate_horizon(elapsed, budget)]
-        local = torch.stack([loss_sum, *(metric_sums[name] for name in names),
-                             torch.tensor(float(tokens), device=self.device),
-                             *(torch.tensor(value if context.is_main else 0.0, device=self.device) for value in clock)])
+        sums = torch.stack([loss_sum, *(metric_sums[name] for name in names)]).double()
+        counts = torch.tensor([float(tokens), *(value if context.is_main else 0.0 for value in clock)],
+                              dtype=torch.float64, device=self.device)
+        local = torch.cat([sums, counts])
         totals = context.all_reduce_sum(local).tolist()
         loss = totals[0] / units
         metrics = {name: totals[1 + i] / units for i, name in enumerate(names)}
