@@ -1,0 +1,259 @@
+"""Reading and writing other tokenizer formats: HF `tokenizer.json`, GPT-2 files, tiktoken.
+
+All of them write byte tokens with GPT-2's printable byte alphabet (see `byte_level`).
+A saved lmforge tokenizer is an HF directory: `tokenizer.json` (vocab, merges, special tokens,
+pre-tokenizer) and `tokenizer_config.json` (special-token roles and the chat template), so
+`tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast` load it directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import UserError
+from ..io import atomic_open, ensure_writable_dir, read_json, write_json_atomic
+from .bpe import BPETokenizer
+from .byte_level import bytes_to_token_string, is_byte_level_string, token_string_to_bytes
+from .pretokenize import GPT2_PATTERN
+from .special_tokens import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, MASK, PAD, chat_template_for
+
+
+class NotByteLevelBPE(ValueError):
+    """The tokenizer.json is valid but describes something BPETokenizer cannot reproduce exactly."""
+
+
+# --- HF tokenizer.json ------------------------------------------------------------------------
+
+def _byte_level(use_regex: bool) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _pre_tokenizer_json(tokenizer: BPETokenizer) -> dict[str, Any]:
+    """GPT-2's regex is HF's ByteLevel(use_regex=True); any other regex is an explicit Split."""
+    steps = [{"type": "Digits", "individual_digits": True}] if tokenizer.split_digits else []
+    if tokenizer.pattern == GPT2_PATTERN:
+        steps.append(_byte_level(use_regex=True))
+    else:
+        steps.append({"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False})
+        steps.append(_byte_level(use_regex=False))
+    return steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
+
+
+def to_hf_json(tokenizer: BPETokenizer) -> dict[str, Any]:
+    """The `tokenizer.json` document (as a dict) for a BPETokenizer."""
+    vocab = {bytes_to_token_string(token): index for token, index in sorted(tokenizer.vocab.items(), key=lambda item: item[1])}
+    added = [{"id": index, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for text, index in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": _pre_tokenizer_json(tokenizer),
+        "post_processor": None,
+        "decoder": _byte_level(use_regex=True),
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[bytes_to_token_string(left), bytes_to_token_string(right)] for left, right in tokenizer.merges],
+        },
+    }
+
+
+def _tokenizer_config(tokenizer: BPETokenizer) -> dict[str, Any]:
+    roles = tokenizer.roles
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": roles["bos"],
+        "eos_token": roles["eos"],
+        "pad_token": roles["pad"],
+        "mask_token": roles["mask"],
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+        "chat_template": tokenizer.chat_template,
+    }
+
+
+def save_hf_directory(tokenizer: BPETokenizer, directory: str | os.PathLike) -> Path:
+    target = ensure_writable_dir(directory)
+    write_json_atomic(target / "tokenizer.json", to_hf_json(tokenizer), indent=None)
+    write_json_atomic(target / "tokenizer_config.json", _tokenizer_config(tokenizer))
+    return target
+
+
+def _parse_pre_tokenizer(spec: Mapping[str, Any] | None) -> tuple[str, bool]:
+    """(regex, split_digits) from an HF pre_tokenizer, or NotByteLevelBPE."""
+    if spec is None:
+        raise NotByteLevelBPE("it has no pre-tokenizer (a byte-level BPE needs ByteLevel)")
+    steps = list(spec["pretokenizers"]) if spec.get("type") == "Sequence" else [spec]
+    split_digits = False
+    if steps and steps[0].get("type") == "Digits":
+        if not steps[0].get("individual_digits"):
+            raise NotByteLevelBPE("its Digits pre-tokenizer groups digits (only individual digits are supported)")
+        split_digits = True
+        steps = steps[1:]
+    if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("add_prefix_space"):
+        raise NotByteLevelBPE("its pre-tokenizer does not end with ByteLevel(add_prefix_space=false)")
+    byte_level, splits = steps[-1], steps[:-1]
+    if not splits and byte_level.get("use_regex", True):
+        return GPT2_PATTERN, split_digits
+    if len(splits) == 1 and not byte_level.get("use_regex", True):
+        split = splits[0]
+        pattern = split.get("pattern", {}).get("Regex")
+        if split.get("type") == "Split" and pattern and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return pattern, split_digits
+    raise NotByteLevelBPE(f"its pre-tokenizer {json.dumps(spec)[:200]} is not one we reproduce")
+
+
+def _role(config: Mapping[str, Any], key: str, specials: Mapping[str, int]) -> str | None:
+    """A role token from tokenizer_config.json (a string or an AddedToken dict), if it is special."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value in specials else None
+
+
+def _chat_template(config: Mapping[str, Any]) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def tokenizer_from_parts(vocab_strings: Mapping[str, int], merges: Sequence[tuple[str, str]],
+                         special_tokens: Mapping[str, int], pattern: str, split_digits: bool,
+                         config: Mapping[str, Any] | None, source: str) -> BPETokenizer:
+    """Build from byte-level strings; specials are taken out of the vocab. config: roles + template."""
+    try:
+        vocab = {token_string_to_bytes(text): index for text, index in vocab_strings.items()
+                 if text not in special_tokens}
+        byte_merges = [(token_string_to_bytes(left), token_string_to_bytes(right)) for left, right in merges]
+    except KeyError as error:
+        raise NotByteLevelBPE(f"token character {error.args[0]!r} is outside the byte-level alphabet") from None
+    config = config or {}
+    if config:
+        roles = {key: _role(config, f"{key}_token", special_tokens) for key in ("bos", "eos", "pad", "mask")}
+    else:  # no config: recognise lmforge's own names
+        roles = {"bos": None, "eos": ENDOFTEXT if ENDOFTEXT in special_tokens else None,
+                 "pad": PAD if PAD in special_tokens else None, "mask": MASK if MASK in special_tokens else None}
+    template = _chat_template(config) if config else chat_template_for(special_tokens)
+    try:
+        return BPETokenizer(vocab, byte_merges, special_tokens, pattern=pattern, split_digits=split_digits,
+                            chat_template=template, bos_token=roles["bos"], eos_token=roles["eos"],
+                            pad_token=roles["pad"], mask_token=roles["mask"])
+    except ValueError as error:
+        raise UserError(f"{source} is not a consistent byte-level BPE tokenizer ({error}); re-export it") from None
+
+
+def from_hf_json(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> BPETokenizer:
+    """A BPETokenizer from a byte-level BPE `tokenizer.json`; NotByteLevelBPE for anything else."""
+    data = read_json(path, "tokenizer file")
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise NotByteLevelBPE(f"its model is {model.get('type')!r}, not BPE")
+    if data.get("normalizer") is not None:
+        raise NotByteLevelBPE("it has a normalizer")
+    unsupported = {key: model.get(key) for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout")
+                   if model.get(key)}
+    unsupported.update({key: True for key in ("byte_fallback", "ignore_merges") if model.get(key)})
+    if unsupported:
+        raise NotByteLevelBPE(f"its BPE model uses {sorted(unsupported)}")
+    if (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise NotByteLevelBPE("its decoder is not ByteLevel")
+    pattern, split_digits = _parse_pre_tokenizer(data.get("pre_tokenizer"))
+    added = data.get("added_tokens") or []
+    if any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word")):
+        raise NotByteLevelBPE("an added token strips spaces or matches single words only")
+    specials = {token["content"]: token["id"] for token in added}
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model.get("merges", [])]
+    if any(len(merge) != 2 for merge in merges):
+        raise UserError(f"tokenizer file '{path}' has a malformed merge; each merge must be two tokens")
+    return tokenizer_from_parts(model.get("vocab", {}), merges, specials, pattern, split_digits, config,
+                                f"tokenizer file '{path}'")
+
+
+def load_hf_directory(directory: str | os.PathLike) -> BPETokenizer:
+    folder = Path(directory)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"'{folder}' has no tokenizer.json; give a directory written by `lmforge tokenizer train`")
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path, "tokenizer config") if config_path.is_file() else None
+    return from_hf_json(folder / "tokenizer.json", config)
+
+
+# --- GPT-2 vocab.json + merges.txt ------------------------------------------------------------
+
+def save_gpt2_files(tokenizer: BPETokenizer, directory: str | os.PathLike) -> tuple[Path, Path]:
+    """vocab.json maps byte-level strings (and special tokens, as GPT-2 does) to ids."""
+    target = ensure_writable_dir(directory)
+    vocab = {bytes_to_token_string(token): index for token, index in tokenizer.vocab.items()}
+    vocab.update(tokenizer.special_tokens)
+    vocab_path, merges_path = target / "vocab.json", target / "merges.txt"
+    write_json_atomic(vocab_path, dict(sorted(vocab.items(), key=lambda item: item[1])), indent=None)
+    with atomic_open(merges_path, "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n")
+        for left, right in tokenizer.merges:
+            handle.write(f"{bytes_to_token_string(left)} {bytes_to_token_string(right)}\n")
+    return vocab_path, merges_path
+
+
+def from_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                    special_tokens: Sequence[str] | None = None) -> BPETokenizer:
+    """Special tokens: the ones named, else lmforge's defaults found in vocab.json, plus any
+    entry that is not written in the byte alphabet (it cannot be a BPE token)."""
+    vocab = read_json(vocab_path, "vocab file")
+    if not isinstance(vocab, dict) or not vocab:
+        raise UserError(f"vocab file '{vocab_path}' must be a non-empty JSON object of token -> id")
+    merges_file = Path(merges_path)
+    if not merges_file.is_file():
+        raise UserError(f"merges file '{merges_file}' does not exist; check the path")
+    merges = []
+    for number, line in enumerate(merges_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith("#version") or not line.strip():
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise UserError(f"merges file '{merges_file}' line {number} is not two tokens separated by a space; fix the file")
+        merges.append((parts[0], parts[1]))
+    named = DEFAULT_SPECIAL_TOKENS if special_tokens is None else tuple(special_tokens)
+    specials = {text: index for text, index in vocab.items() if text in named or not is_byte_level_string(text)}
+    config = None  # lmforge's role names apply
+    try:
+        return tokenizer_from_parts(vocab, merges, specials, GPT2_PATTERN, False, config, f"GPT-2 files '{vocab_path}'")
+    except NotByteLevelBPE as error:
+        raise UserError(f"GPT-2 files '{vocab_path}' are not byte-level BPE ({error})") from None
+
+
+# --- tiktoken ---------------------------------------------------------------------------------
+
+def to_tiktoken(tokenizer: BPETokenizer, name: str = "lmforge"):
+    """A tiktoken.Encoding with the same ids.
+
+    tiktoken merges the adjacent pair whose *concatenation has the lowest id*, so it agrees with
+    merge-rank BPE only when ids grow with merge rank and every token is a byte or a merge
+    result. Our trained tokenizers are built that way; GPT-2's files are too.
+    """
+    import tiktoken
+
+    if tokenizer.split_digits:
+        raise UserError("this tokenizer splits digits before its regex, which tiktoken cannot express; "
+                        "export it as tokenizer.json instead")
+    if any(bytes([byte]) not in tokenizer.vocab for byte in range(256)):
+        raise UserError("this tokenizer's vocabulary lacks some single bytes, which tiktoken requires; "
+                        "export it as tokenizer.json instead")
+    merged_ids = [tokenizer.vocab[left + right] for left, right in tokenizer.merges]
+    if any(earlier >= later for earlier, later in zip(merged_ids, merged_ids[1:])) \
+            or len(tokenizer.vocab) != 256 + len(tokenizer.merges):
+        raise UserError("this tokenizer's ids are not in merge order, so tiktoken (which merges by id) "
+                        "would encode differently; export it as tokenizer.json instead")
+    return tiktoken.Encoding(name=name, pat_str=tokenizer.pattern, mergeable_ranks=dict(tokenizer.vocab),
+                             special_tokens=tokenizer.special_tokens)

@@ -1,0 +1,122 @@
+"""Importing the byte-level BPE embedded in a GGUF file: a tiny written one, and SmolLM2 vs transformers."""
+from __future__ import annotations
+
+import pytest
+
+from lmforge.assets import asset_available, shakespeare_play_files, smollm2_gguf_path
+from lmforge.errors import UserError
+from lmforge.tokenizer import BPETokenizer, load_tokenizer, train_bpe_on_texts
+from lmforge.tokenizer.byte_level import bytes_to_token_string
+
+
+def _write_gguf(path, tokenizer: BPETokenizer, model: str = "gpt2", pre: str = "gpt2") -> None:
+    """Store a tokenizer the way llama.cpp's converter does: ids in order, specials typed CONTROL."""
+    import gguf
+
+    by_id = {index: bytes_to_token_string(token) for token, index in tokenizer.vocab.items()}
+    by_id.update({index: text for text, index in tokenizer.special_tokens.items()})
+    tokens = [by_id[index] for index in range(tokenizer.vocab_size)]
+    types = [3 if token in tokenizer.special_tokens else 1 for token in tokens]
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{bytes_to_token_string(a)} {bytes_to_token_string(b)}" for a, b in tokenizer.merges])
+    writer.add_bos_token_id(tokenizer.special_tokens["<|im_start|>"])
+    writer.add_eos_token_id(tokenizer.special_tokens["<|im_end|>"])
+    writer.add_chat_template(tokenizer.chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer() -> BPETokenizer:
+    return train_bpe_on_texts(["Now is the winter of our discontent 1592\n\n  made glorious summer"] * 4, vocab_size=320)
+
+
+def test_a_written_gguf_imports_with_the_same_ids(tmp_path, small_tokenizer):
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, small_tokenizer)
+    text = "Now is the winter <|im_start|>of our 2024 discontent\n\n  12<|endoftext|>"
+    for imported in (BPETokenizer.from_gguf(path), BPETokenizer.from_gguf(gguf.GGUFReader(path)), load_tokenizer(path)):
+        assert imported.encode(text) == small_tokenizer.encode(text)
+        assert imported.fingerprint() == small_tokenizer.fingerprint()
+        assert imported.bos_id == small_tokenizer.special_tokens["<|im_start|>"]
+        assert imported.eos_id == small_tokenizer.special_tokens["<|im_end|>"]
+        assert imported.eot_id == small_tokenizer.special_tokens["<|endoftext|>"]
+        assert imported.chat_template == small_tokenizer.chat_template
+
+
+def test_gguf_pre_tokenizer_names_and_bad_files(tmp_path, small_tokenizer):
+    smollm = tmp_path / "smollm.gguf"
+    _write_gguf(smollm, small_tokenizer, pre="smollm")
+    assert BPETokenizer.from_gguf(smollm).split_digits
+    assert not BPETokenizer.from_gguf(smollm, split_digits=False).split_digits
+    unknown = tmp_path / "unknown.gguf"
+    _write_gguf(unknown, small_tokenizer, pre="no-such-pre")
+    with pytest.raises(UserError, match="not supported"):
+        BPETokenizer.from_gguf(unknown)
+    sentencepiece = tmp_path / "spm.gguf"
+    _write_gguf(sentencepiece, small_tokenizer, model="llama")
+    with pytest.raises(UserError, match="not a byte-level BPE"):
+        BPETokenizer.from_gguf(sentencepiece)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGML not really")
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        BPETokenizer.from_gguf(junk)
+    with pytest.raises(UserError, match="does not exist"):
+        BPETokenizer.from_gguf(tmp_path / "missing.gguf")
+
+
+needs_smollm2 = pytest.mark.skipif(not (asset_available("smollm2") and asset_available("shakespeare")),
+                                   reason="the SmolLM2 or shakespeare asset package is not installed")
+
+
+@pytest.fixture(scope="module")
+def transformers_smollm2():
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def real_text() -> str:
+    # Plays whose speech prefixes ("\n\n1 Clown") put several spaces before a digit, which is
+    # where splitting digits first changes the pieces, plus one without.
+    plays = {path.name: path.read_text(encoding="utf-8") for path in shakespeare_play_files()}
+    return "<|endoftext|>".join(plays[name] for name in ("hamlet_gut.txt", "othello_gut.txt", "twelfth_night_gut.txt"))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_gguf_matches_transformers(transformers_smollm2, real_text):
+    from tokenizers import pre_tokenizers
+
+    ours = BPETokenizer.from_gguf(smollm2_gguf_path())
+    assert ours.vocab_size == 49152 and len(ours.special_tokens) == 17 and ours.split_digits
+    assert (ours.eot_id, ours.bos_id, ours.eos_id) == (0, 1, 2)
+    assert ours.chat_template == transformers_smollm2.chat_template
+
+    # transformers' GGUF loader does not know the pre-tokenizer name "smollm" and uses plain
+    # ByteLevel; our split_digits=False is exactly that configuration.
+    reference = transformers_smollm2.backend_tokenizer
+    plain = BPETokenizer.from_gguf(smollm2_gguf_path(), split_digits=False)
+    assert reference.encode(real_text, add_special_tokens=False).ids == plain.encode(real_text)
+
+    # SmolLM2's own tokenizer.json (and llama.cpp for "smollm") split digits before the regex:
+    # give the reference that pre-tokenizer and it matches our default import.
+    reference.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    try:
+        assert reference.encode(real_text, add_special_tokens=False).ids == ours.encode(real_text)
+    finally:
+        reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    assert ours.encode("\n\n1 Clown") != plain.encode("\n\n1 Clown")  # where the two differ
+    assert ours.decode(ours.encode(real_text)) == real_text
