@@ -11,9 +11,10 @@ EXAMPLE = """lmforge pretrain --config shakespeare-gpt max_steps=500 lr=1e-3
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Pretrain a GPT (causal LM) or BERT (masked LM) on token shards. The run lives in "
-                          "OUT_DIR/NAME: config.yaml, metrics.jsonl, samples, checkpoints and the final model. "
-                          "Settings come from the recipe, then key=value overrides (model.* keys for the model).")
+    parser.description = ("Pretrain a GPT (causal LM) or BERT (masked LM) on token shards.\n"
+                          "The run lives in OUT_DIR/NAME: config.yaml, metrics.jsonl, samples, checkpoints and\n"
+                          "the final model. Settings come from the recipe, then key=value overrides (model.* for\n"
+                          "the model; --print-config shows every key).")
     parser.epilog = f"example:\n  {EXAMPLE}"
     parser.formatter_class = HelpFormatter
     parser.add_argument("--config", metavar="RECIPE",
