@@ -104,7 +104,7 @@ def _unknown_ref_message(ref: str) -> str:
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     looks_like_path = os.sep in ref or ref.endswith((".gguf", ".safetensors")) or ref.startswith(".")
     what = f"'{ref}' does not exist" if looks_like_path else f"'{ref}' is not a known model{hint}"
-    return (f"{what}; --model/ref takes an lmforge run, checkpoint or model directory, a Hugging Face model "
+    return (f"{what}; a model reference is an lmforge run, checkpoint or model directory, a Hugging Face model "
             f"directory, a .gguf file, a bundled model ({', '.join(BUNDLED)}) or a preset "
             f"({', '.join(PRESETS)})")
 
