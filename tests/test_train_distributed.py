@@ -1,5 +1,5 @@
 """2-process data parallelism on CPU (gloo): DDP and FSDP2 equal one process on the same global batch,
-and `lmforge pretrain` in 2 processes (what `torchrun --nproc_per_node=2 -m lmforge pretrain` runs)."""
+FSDP2 resumes exactly, and `lmforge pretrain` runs in 2 processes (as under `torchrun -m lmforge`)."""
 from __future__ import annotations
 
 import socket
@@ -59,6 +59,12 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tmp_path_factory):
             torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{strategy} {name}")
         assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "config.json", "model.safetensors",
                                                               "rank0.pt", "rank1.pt"]
+
+    # FSDP stopped after the step-2 checkpoint and resumed from it: the same weights, bit for bit.
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / "fsdp-resumed" / f"rank{rank}.pt", weights_only=True)["params"]
+        for name, param in torch.load(tmp_path / "fsdp" / f"rank{rank}.pt", weights_only=True)["params"].items():
+            assert torch.equal(resumed[name], param), name
 
     # The CLI in 2 processes: both exit 0, only rank 0 wrote (one row per logged step, one
     # checkpoint), and every step consumed both processes' batches.

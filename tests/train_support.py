@@ -83,36 +83,70 @@ def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
+class StopRun(Exception):
+    """Raised by StopAt to end a run early, as a crash would."""
+
+
+class StopAt:
+    """A Trainer hook that stops the run at the end of `step` (on every rank alike)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, step: int, row: dict) -> None:
+        if step == self.step:
+            raise StopRun
+
+
 def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, steps: int, shards: str) -> None:
-    """One process of a 2-process gloo job (torch.multiprocessing.spawn target): trains with DDP,
-    then with FSDP2, and saves its parameters and logged losses of each to out_dir/<strategy>/.
-    Finally it runs `lmforge pretrain` on the real shards, as `torchrun -m lmforge pretrain` would.
+    """One process of a 2-process gloo job (torch.multiprocessing.spawn target).
+
+    Trains with DDP, then with FSDP2, then with FSDP2 stopped after step `steps` (whose last
+    checkpoint is a step earlier) and resumed; saves each one's parameters and logged losses to
+    out_dir/<run>/rank<r>.pt. Finally it runs `lmforge pretrain` on the real shards, as
+    `torchrun -m lmforge pretrain` would.
 
     Global batch k has 4 rows; rank r trains on rows [2r, 2r + 2) of it, in 2 micro-batches of 1
     row (padded rows, so the ranks predict different numbers of tokens).
     """
     import os
 
+    from lmforge import cli
     from lmforge.train import CausalLMObjective, Trainer, TrainConfig
+    from lmforge.train.checkpoint import latest_checkpoint
     from lmforge.train.distributed import full_tensor, init_distributed, shutdown_distributed
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     context = init_distributed("cpu")
+
+    def trainer(strategy: str, run: str, checkpoint_interval: int = 0) -> Trainer:
+        source = SplitBatches(CountingBatches(4, 16, padded=True, rows=slice(2 * rank, 2 * rank + 2)), 1)
+        config = TrainConfig(max_steps=steps, batch_size=1, grad_accum=2, lr=1e-2, warmup_steps=0, log_interval=1,
+                             eval_interval=0, checkpoint_interval=checkpoint_interval, progress=False,
+                             distributed=strategy, ema_decay=0.5)
+        return Trainer(tiny_gpt(seed=rank), CausalLMObjective(), source, config, run_dir=f"{out_dir}/{run}",
+                       context=context)
+
+    def save(trainer: Trainer, result, run: str) -> None:
+        params = {name: full_tensor(param.detach()).clone() for name, param in trainer.raw.named_parameters()}
+        torch.save({"params": params, "losses": [row["loss"] for row in result.history]},
+                   f"{out_dir}/{run}/rank{rank}.pt")
+
     try:
+        # Each rank builds its model from another seed: both strategies must start from rank 0's weights.
         for strategy in ("ddp", "fsdp"):
-            source = SplitBatches(CountingBatches(4, 16, padded=True, rows=slice(2 * rank, 2 * rank + 2)), 1)
-            config = TrainConfig(max_steps=steps, batch_size=1, grad_accum=2, lr=1e-2, warmup_steps=0,
-                                 log_interval=1, eval_interval=0, checkpoint_interval=0, progress=False,
-                                 distributed=strategy, ema_decay=0.5)
-            trainer = Trainer(tiny_gpt(), CausalLMObjective(), source, config, run_dir=f"{out_dir}/{strategy}",
-                              context=context)
-            result = trainer.fit()
-            params = {name: full_tensor(param.detach()).clone() for name, param in trainer.raw.named_parameters()}
-            torch.save({"params": params, "losses": [row["loss"] for row in result.history]},
-                       f"{out_dir}/{strategy}/rank{rank}.pt")
-        from lmforge import cli
+            run = trainer(strategy, strategy)
+            save(run, run.fit(), strategy)
+        stopped = trainer("fsdp", "fsdp-resumed", checkpoint_interval=steps - 1)
+        stopped.hooks.append(StopAt(steps))
+        try:
+            stopped.fit()
+        except StopRun:
+            pass
+        resumed = trainer("fsdp", "fsdp-resumed", checkpoint_interval=steps - 1)
+        save(resumed, resumed.fit(resume_from=latest_checkpoint(f"{out_dir}/fsdp-resumed")), "fsdp-resumed")
 
         code = cli.main(["pretrain", "--config", "shakespeare-gpt", f"data={shards}", f"out_dir={out_dir}",
                          "name=cli", "preset=nano", "seq_len=64", "batch_size=8", "max_steps=6", "log_interval=3",

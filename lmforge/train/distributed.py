@@ -120,6 +120,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+@torch.no_grad()
+def broadcast_weights(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (DDP does this itself)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor, src=0)
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2: shard each block's parameters across processes, then the rest (embeddings, head).
 
@@ -128,6 +135,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
+    broadcast_weights(model)       # every shard must come from the same initial weights
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)

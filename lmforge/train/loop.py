@@ -146,7 +146,6 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}   # the latest evaluation
         self._eval_step = -1
         self._saved_step = -1
-        self._train_logged_step = -1
         self._time_up = False
         self._step_seconds: list[float] = []
         self._window = _ThroughputWindow()
@@ -157,19 +156,17 @@ class Trainer:
         """Train until max_steps or the time budget; then evaluate, checkpoint and export."""
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            # A run that spent its budget stays finished (elapsed_before is the same on every rank).
+            budget = self.config.max_minutes
+            self._time_up = budget is not None and self.elapsed_before >= budget * 60
         else:
             _seed_everything(self.config.seed + self.context.rank)
         if self.context.is_main:
             ckpt.remove_stale_temporaries(self.run_dir)
         self._session_start = time.perf_counter()
         self.raw.train()
-        stop_reason, last = "max_steps", None
-        while True:
-            if self.config.max_steps is not None and self.step >= self.config.max_steps:
-                break
-            if self._time_up:
-                stop_reason = "time_budget"
-                break
+        last = None
+        while not self._finished():
             started = time.perf_counter()
             last = self.train_step()
             seconds = time.perf_counter() - started
@@ -178,11 +175,12 @@ class Trainer:
             self._step_seconds.append(seconds)
             self._window.add(last.tokens, seconds)
 
+            final = self._finished()
+            checkpoint_due = self._due(self.config.checkpoint_interval) and not final   # the final one is below
             row: dict[str, float] = {}
-            if self._due(self.config.log_interval) or self.step == 1:
+            if self._due(self.config.log_interval) or self.step == 1 or final:
                 row.update(self._train_row(last))
-            checkpoint_due = self._due(self.config.checkpoint_interval)
-            if self.evaluate is not None and (self._due(self.config.eval_interval) or checkpoint_due):
+            if self.evaluate is not None and (self._due(self.config.eval_interval) or checkpoint_due or final):
                 row.update(self.run_evaluation())
             self._log(row)
             if self.progress is not None:
@@ -194,24 +192,26 @@ class Trainer:
             if checkpoint_due:
                 self.save_checkpoint(row.get("val_loss"), last.loss)
 
-        # Whatever stopped the run: a final evaluation, checkpoint and model export.
-        row = {}
-        if last is not None and self._train_logged_step != self.step:
-            row.update(self._train_row(last))
+        # The end, whatever stopped the run: evaluation (if this session trained no step), hooks
+        # (a final sample), the final checkpoint and the exported model.
         if self.evaluate is not None and self._eval_step != self.step:
-            row.update(self.run_evaluation())
-        self._log(row)
+            self._log(self.run_evaluation())
         for hook in self.hooks:
             if hasattr(hook, "on_train_end"):
                 hook.on_train_end(self, self.step)
         checkpoint = self.save_checkpoint(self.eval_metrics.get("val_loss"), last.loss if last else None)
         self.export_model(self.run_dir)
         return RunResult(
-            run_dir=self.run_dir, step=self.step, tokens=self.tokens, stop_reason=stop_reason,
+            run_dir=self.run_dir, step=self.step, tokens=self.tokens,
+            stop_reason="time_budget" if self._time_up else "max_steps",
             elapsed_seconds=self.elapsed_seconds, train_loss=last.loss if last else None,
             eval_metrics=dict(self.eval_metrics), checkpoint=checkpoint,
             best=ckpt.read_best(self.run_dir) if self.context.is_main else None, history=list(self.history),
         )
+
+    def _finished(self) -> bool:
+        """max_steps reached, or the time budget spent (rank 0's clock, shared by the last step)."""
+        return (self.config.max_steps is not None and self.step >= self.config.max_steps) or self._time_up
 
     def train_step(self) -> "StepStats":
         """One optimizer step (self.step is the number of steps done before it)."""
@@ -419,7 +419,6 @@ class Trainer:
         if self.peak_flops:
             row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.context.world_size)
         self._window.reset()
-        self._train_logged_step = self.step
         return row
 
     def _log(self, row: dict[str, float], step: int | None = None) -> None:
