@@ -113,9 +113,10 @@ class PretrainConfig(TrainConfig):
     tokenizer: str | None = None        # default: the tokenizer the shards were prepared with
     seq_len: int = 256                  # tokens per training sequence
     mask_prob: float = 0.15             # masked LM: share of tokens to predict
-    # The model: `preset` fills the model section, then `model.*` keys override single fields.
-    # model.vocab_size is always set from the shards' tokenizer.
-    preset: str | None = "tiny"
+    # The model. In a recipe or on the command line, `preset` fills the model section and `model.*`
+    # keys override single fields (in Python, pass model=get_preset(...)). model.vocab_size is
+    # always set from the shards' tokenizer.
+    preset: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     # Samples from the causal LM during training (0 = only at the end)
     sample_interval: int = 100
@@ -132,7 +133,7 @@ class PretrainConfig(TrainConfig):
             raise UserError(f"mask_prob must be in (0, 1), not {self.mask_prob}; fix the config")
         if self.sample_interval < 0 or self.sample_tokens < 0 or self.temperature < 0 or self.top_k < 0:
             raise UserError("sample_interval, sample_tokens, temperature and top_k must be >= 0; fix the config")
-        if self.sample_tokens >= self.model.max_seq_len:
+        if self.model.is_causal and self.sample_tokens >= self.model.max_seq_len:
             raise UserError(f"sample_tokens ({self.sample_tokens}) must be below model.max_seq_len "
                             f"({self.model.max_seq_len}) to leave room for the prompt; lower sample_tokens")
         if self.seq_len > self.model.max_seq_len:
