@@ -79,10 +79,14 @@ needs_smollm2 = pytest.mark.skipif(not (asset_available("smollm2") and asset_ava
 
 @pytest.fixture(scope="module")
 def transformers_smollm2():
-    from transformers import AutoTokenizer
+    """transformers' GGUF tokenizer builder, the code `AutoTokenizer.from_pretrained(dir, gguf_file=...)`
+    runs for the tokenizer, called directly: AutoTokenizer also parses the model config with
+    gguf.GGUFReader, which costs 10+ seconds and does not change the tokenizer."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    path = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    architecture, tokenizer_dict, config = get_gguf_tokenizer(str(smollm2_gguf_path()))
+    backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return backend, config
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +102,15 @@ def real_text() -> str:
 def test_smollm2_gguf_matches_transformers(transformers_smollm2, real_text):
     from tokenizers import pre_tokenizers
 
+    reference, config = transformers_smollm2
     ours = BPETokenizer.from_gguf(smollm2_gguf_path())
-    assert ours.vocab_size == 49152 and len(ours.special_tokens) == 17 and ours.split_digits
-    assert (ours.eot_id, ours.bos_id, ours.eos_id) == (0, 1, 2)
-    assert ours.chat_template == transformers_smollm2.chat_template
+    assert ours.vocab_size == 49152 == reference.get_vocab_size() and len(ours.special_tokens) == 17
+    assert (ours.eot_id, ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2, 2) and ours.split_digits
+    assert ours.chat_template == config["chat_template"]
+    assert ours.id_to_bytes(ours.bos_id).decode() == config["bos_token"]
 
     # transformers' GGUF loader does not know the pre-tokenizer name "smollm" and uses plain
     # ByteLevel; our split_digits=False is exactly that configuration.
-    reference = transformers_smollm2.backend_tokenizer
     plain = BPETokenizer.from_gguf(smollm2_gguf_path(), split_digits=False)
     assert reference.encode(real_text, add_special_tokens=False).ids == plain.encode(real_text)
 

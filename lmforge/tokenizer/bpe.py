@@ -1,11 +1,11 @@
 """The byte-level BPE tokenizer: encode, decode, save, and the contract the other folders use.
 
 Data (general enough for imported tokenizers, whose ids are not in merge order):
-- `vocab`: token bytes -> id, for the 256 single bytes and every merged token;
+- `vocab`: token bytes -> id, for the single bytes (normally all 256) and every merged token;
 - `merges`: ranked list of (left bytes, right bytes); rank 0 is applied first;
 - `special_tokens`: text -> id, matched whole in the input, never merged with anything.
 For tokenizers we train, ids are 256 bytes in byte order, then merges in order, then specials,
-so a token's id equals its merge rank (which is what makes the tiktoken export exact).
+so a merged token's id is 256 + its merge rank (ids grow with rank: the tiktoken export is exact).
 
 Encoding a piece of text: split off special tokens, pre-tokenize the rest, and run BPE on the
 UTF-8 bytes of each piece: start from single bytes and repeatedly merge the adjacent pair of

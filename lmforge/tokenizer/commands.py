@@ -69,14 +69,20 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from .train import train_bpe
 
     files = resolve_inputs(args.input)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1")
     start = time.perf_counter()
-    tokenizer = train_bpe(files, args.vocab_size, special_tokens=args.special_tokens, pattern=args.pattern,
-                          split_digits=args.split_digits, num_workers=args.workers)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as progress:
+        merges = progress.add_task("learning merges", total=max(args.vocab_size - 256 - len(args.special_tokens), 0))
+        tokenizer = train_bpe(files, args.vocab_size, special_tokens=args.special_tokens, pattern=args.pattern,
+                              split_digits=args.split_digits, num_workers=args.workers,
+                              progress=lambda done: progress.update(merges, completed=done))
     seconds = time.perf_counter() - start
     out = tokenizer.save(args.out)
     print(f"trained on {len(files)} file(s) in {seconds:.2f} s: {len(tokenizer.merges)} merges, "
@@ -100,11 +106,14 @@ def _encode(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer)
     ids = tokenizer.encode(args.text, allow_special=not args.no_special)
-    pieces = Text()
+    console = Console()
+    # In a terminal, background colours tell the pieces apart; in a pipe, a separator does.
+    separator = "" if console.is_terminal else "|"
+    pieces = Text(separator)
     for position, index in enumerate(ids):
         pieces.append(_piece_text(tokenizer.id_to_bytes(index)), style=_PIECE_STYLES[position % len(_PIECE_STYLES)])
-    console = Console()
-    console.print(pieces)
+        pieces.append(separator)
+    console.print(pieces, soft_wrap=True)
     console.print(f"{len(ids)} tokens, {len(args.text.encode('utf-8'))} bytes")
     console.print(ids, soft_wrap=True)
     return 0

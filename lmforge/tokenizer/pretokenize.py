@@ -58,11 +58,6 @@ def resolve_pattern(name_or_regex: str) -> str:
     return PATTERNS.get(name_or_regex, name_or_regex)
 
 
-def pattern_name(pattern: str) -> str | None:
-    """The built-in name of a regex, or None for a custom one."""
-    return next((name for name, known in PATTERNS.items() if known == pattern), None)
-
-
 @dataclass(frozen=True)
 class PreTokenizer:
     """Special-token splitting, optional digit splitting, then a regex.

@@ -25,11 +25,14 @@ from collections import Counter, defaultdict, deque
 from functools import partial
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import UserError
 from .pretokenize import PreTokenizer, resolve_pattern, split_at_safe_points
 from .special_tokens import DEFAULT_SPECIAL_TOKENS
+
+if TYPE_CHECKING:
+    from .bpe import BPETokenizer
 
 # The heap is a min-heap, so "greatest bytes first" needs a key that sorts in reverse byte order:
 # map byte c to chr(255 - c) and end with chr(256), which sorts after every mapped byte (so a
@@ -190,13 +193,15 @@ def learn_merges(word_counts: Mapping[bytes, int], num_merges: int,
                     before = new_word[position - 1]
                     # (before, left) is gone; if before is itself a new token, it was (right, left).
                     pair_counts[(right if before == merged else before) + left] -= count
-                    pair_counts[before + merged] += count
-                    created[before + merged].add(index)
+                    new_pair = before + merged
+                    pair_counts[new_pair] += count
+                    created[new_pair].add(index)
                 if position < last and new_word[position + 1] != merged:
                     after = new_word[position + 1]
                     pair_counts[right + after] -= count
-                    pair_counts[merged + after] += count
-                    created[merged + after].add(index)
+                    new_pair = merged + after
+                    pair_counts[new_pair] += count
+                    created[new_pair].add(index)
                 position = new_word.find(merged, position + 1)
         del pair_counts[pair]
         pair_words.update(created)
@@ -212,36 +217,49 @@ def learn_merges(word_counts: Mapping[bytes, int], num_merges: int,
 # The public entry points.
 
 def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> int:
+    """The number of merges to learn."""
     smallest = 256 + len(special_tokens)
     if vocab_size < smallest:
         raise UserError(f"vocabulary size {vocab_size} is too small: it must hold the 256 byte tokens and "
                         f"{len(special_tokens)} special tokens; use --vocab-size {smallest} or more")
+    if vocab_size > 1_000_000:  # training writes token ids as characters, chr() stops at 0x10FFFF
+        raise UserError(f"vocabulary size {vocab_size} is above the supported 1,000,000; use a smaller --vocab-size")
     return vocab_size - smallest
 
 
-def _check_specials(special_tokens: Sequence[str]) -> tuple[str, ...]:
+def _pretokenizer(pattern: str, split_digits: bool, special_tokens: Sequence[str]) -> PreTokenizer:
     specials = tuple(dict.fromkeys(special_tokens))  # drop repeats, keep order
     if any(not token for token in specials):
         raise UserError("a special token is the empty string; give non-empty special tokens")
-    return specials
+    try:
+        return PreTokenizer(resolve_pattern(pattern), split_digits, specials)
+    except ValueError as error:
+        raise UserError(f"{error}; pass --pattern gpt2, gpt4 or a valid regex") from None
 
 
-def _build(merges: list[tuple[bytes, bytes]], specials: tuple[str, ...], pattern: str, split_digits: bool):
+def _learn(piece_counts: Mapping[str, int], vocab_size: int, pretokenizer: PreTokenizer,
+           progress: Callable[[int], None] | None) -> "BPETokenizer":
     from .bpe import BPETokenizer
-    return BPETokenizer.from_merges(merges, special_tokens=specials, pattern=pattern, split_digits=split_digits)
+
+    word_counts = {piece.encode("utf-8"): count for piece, count in piece_counts.items()}
+    merges = learn_merges(word_counts, _check_vocab_size(vocab_size, pretokenizer.special_tokens), progress)
+    return BPETokenizer.from_merges(merges, special_tokens=pretokenizer.special_tokens,
+                                    pattern=pretokenizer.pattern, split_digits=pretokenizer.split_digits)
 
 
 def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int,
               special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, pattern: str = "gpt2",
               split_digits: bool = False, num_workers: int | None = None,
-              progress: Callable[[int], None] | None = None):
-    """Train a byte-level BPE tokenizer on UTF-8 text files; returns a `BPETokenizer`.
+              progress: Callable[[int], None] | None = None) -> "BPETokenizer":
+    """Train a byte-level BPE tokenizer on UTF-8 text files (each file is a document).
 
-    vocab_size counts everything: 256 bytes + merges + special tokens. Ids follow that order, so
-    a token's id is also its merge rank. `pattern` is "gpt2", "gpt4" or a regex.
+    vocab_size counts everything: 256 bytes + merges + special tokens, and ids follow that order
+    (a merged token's id is 256 + its rank). `pattern` is "gpt2", "gpt4" or a regex. num_workers
+    defaults to all cores (inputs under 1 MB are counted in this process). progress, if given,
+    is called with the number of merges learned so far.
     """
-    specials = _check_specials(special_tokens)
-    num_merges = _check_vocab_size(vocab_size, specials)
+    pretokenizer = _pretokenizer(pattern, split_digits, special_tokens)
+    _check_vocab_size(vocab_size, pretokenizer.special_tokens)
     paths = [Path(file) for file in files]
     if not paths:
         raise UserError("no input files given; pass one or more text files with --input")
@@ -250,16 +268,11 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int,
             raise UserError(f"input file '{path}' does not exist; check the path")
         if path.stat().st_size == 0:
             raise UserError(f"input file '{path}' is empty; give a file with text in it")
-    regex_text = resolve_pattern(pattern)
-    pretokenizer = PreTokenizer(regex_text, split_digits, specials)
     total_bytes = sum(path.stat().st_size for path in paths)
-    # Small inputs are not worth starting processes for.
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     workers = 1 if total_bytes < (1 << 20) else workers
     piece_counts = count_pieces(paths, pretokenizer, workers, task_chars=_task_chars(total_bytes, workers))
-    word_counts = {piece.encode("utf-8"): count for piece, count in piece_counts.items()}
-    merges = learn_merges(word_counts, num_merges, progress)
-    return _build(merges, specials, regex_text, split_digits)
+    return _learn(piece_counts, vocab_size, pretokenizer, progress)
 
 
 def _task_chars(total_bytes: int, workers: int) -> int:
@@ -270,13 +283,8 @@ def _task_chars(total_bytes: int, workers: int) -> int:
 
 def train_bpe_on_texts(texts: Iterable[str], vocab_size: int,
                        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, pattern: str = "gpt2",
-                       split_digits: bool = False, progress: Callable[[int], None] | None = None):
+                       split_digits: bool = False, progress: Callable[[int], None] | None = None) -> "BPETokenizer":
     """Train on in-memory strings (each one a document), in this process."""
-    specials = _check_specials(special_tokens)
-    num_merges = _check_vocab_size(vocab_size, specials)
-    regex_text = resolve_pattern(pattern)
-    pretokenizer = PreTokenizer(regex_text, split_digits, specials)
-    piece_counts = count_pieces_in_texts(texts, pretokenizer)
-    word_counts = {piece.encode("utf-8"): count for piece, count in piece_counts.items()}
-    merges = learn_merges(word_counts, num_merges, progress)
-    return _build(merges, specials, regex_text, split_digits)
+    pretokenizer = _pretokenizer(pattern, split_digits, special_tokens)
+    _check_vocab_size(vocab_size, pretokenizer.special_tokens)
+    return _learn(count_pieces_in_texts(texts, pretokenizer), vocab_size, pretokenizer, progress)
