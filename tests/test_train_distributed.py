@@ -71,5 +71,5 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tmp_path_factory):
     assert [torch.load(tmp_path / f"cli-rank{rank}.pt")["exit_code"] for rank in (0, 1)] == [0, 0]
     rows = read_jsonl(tmp_path / "cli" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 3, 6]
-    assert rows[-1]["tokens"] == 6 * 2 * 8 * 64 and "val_loss" in rows[-1]
+    assert rows[-1]["tokens_seen"] == 6 * 2 * 8 * 64 and "val_loss" in rows[-1]
     assert [step for step, _ in list_checkpoints(tmp_path / "cli")] == [6]

@@ -43,9 +43,9 @@ def test_loss_falls_and_everything_is_logged(tmp_path):
     assert first["step"] == 1 and last["step"] == 30
     assert last["loss"] < first["loss"] - 1.5, (first["loss"], last["loss"])
     assert result.eval_metrics["val_loss"] < first["loss"] - 1.5
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_mb", "accuracy"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "accuracy"):
         assert key in last and last[key] == last[key], key      # present and not NaN
-    assert last["tokens"] == 30 * 8 * 16
+    assert last["tokens_seen"] == 30 * 8 * 16
     assert {"val_loss", "val_ppl", "val_accuracy"} <= set(result.eval_metrics)
     assert result.eval_metrics["val_ppl"] == pytest.approx(torch.tensor(result.eval_metrics["val_loss"]).exp().item())
     assert [step for step, _ in list_checkpoints(tmp_path)] == [15, 30]
@@ -109,7 +109,7 @@ def test_masked_lm_objective_trains_bert(tmp_path):
     result = Trainer(model, MaskedLMObjective(), _MaskedRepeats(8, 16), _config(max_steps=40, lr=5e-3, log_interval=10),
                      run_dir=tmp_path, evaluate=evaluate).fit()
     assert result.eval_metrics["val_loss"] < before["val_loss"] - 0.4
-    assert 0.0 <= result.eval_metrics["val_masked_accuracy"] <= 1.0
+    assert 0.0 <= result.eval_metrics["val_mlm_accuracy"] <= 1.0
 
 
 def test_objectives_return_sums_over_predicted_tokens():
@@ -121,7 +121,7 @@ def test_objectives_return_sums_over_predicted_tokens():
 
     labels = torch.tensor([[1, -100, 4], [-100, -100, 2]])
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels}
-    for objective, accuracy in ((CausalLMObjective(), "accuracy"), (MaskedLMObjective(), "masked_accuracy")):
+    for objective, accuracy in ((CausalLMObjective(), "accuracy"), (MaskedLMObjective(), "mlm_accuracy")):
         output = objective(Fixed(), batch)
         kept = labels != -100
         expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum")

@@ -52,7 +52,7 @@ def test_gpt_pretraining_run_directory_and_loss_falls(shards, tmp_path):
     train_rows = [row for row in rows if "loss" in row]
     assert [row["step"] for row in train_rows] == [1, 5, 10, 15, 20, 25, 30]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.6
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_mb"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb"):
         assert isinstance(train_rows[-1][key], float), key
     final = result.eval_metrics
     assert final["val_loss"] < train_rows[0]["loss"] - 0.6
@@ -82,9 +82,9 @@ def test_bert_pretraining_from_the_command_line(shards, tmp_path, capsys):
                             checkpoint_interval=10, lr=1e-3, warmup_steps=2)])
     assert code == 0
     rows = read_jsonl(tmp_path / "bert" / "metrics.jsonl")
-    assert {"val_loss", "val_ppl", "val_masked_accuracy"} <= set(rows[-1])
+    assert {"val_loss", "val_ppl", "val_mlm_accuracy"} <= set(rows[-1])
     assert "val_bpb" not in rows[-1]                    # a masked LM does not model the whole text
-    assert "masked_accuracy" in rows[0] and not read_jsonl(tmp_path / "bert" / "samples.jsonl")
+    assert "mlm_accuracy" in rows[0] and not read_jsonl(tmp_path / "bert" / "samples.jsonl")
     assert "done: 10 steps" in capsys.readouterr().out
 
 

@@ -42,7 +42,7 @@ from .ema import EMA
 from .objectives import Objective
 from .optim import build_optimizer
 from .schedule import LRSchedule
-from .throughput import memory_mb, peak_flops
+from .throughput import memory_gb, peak_flops
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -329,7 +329,7 @@ class Trainer:
                 "rng": rng_states, "loader": loader_states, "world_size": self.context.world_size,
                 "best_val_loss": self.best_val_loss,
             }
-            summary = {"val_loss": val_loss, "train_loss": train_loss, "tokens": self.tokens}
+            summary = {"val_loss": val_loss, "train_loss": train_loss, "tokens_seen": self.tokens}
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, {k: v for k, v in model_state.items() if k not in aliases},
                 trainer_state, self.config_dict,
@@ -414,8 +414,8 @@ class Trainer:
         """The logged training figures of the last step; throughput over the steps since the last row."""
         tokens_per_s = self._window.rate()
         row = {"loss": stats.loss, **stats.metrics, "lr": stats.lr, "grad_norm": stats.grad_norm,
-               "tokens": self.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_seconds,
-               "memory_mb": memory_mb(self.device)}
+               "tokens_seen": self.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_seconds,
+               "memory_gb": memory_gb(self.device)}
         if self.peak_flops:
             row["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.context.world_size)
         self._window.reset()

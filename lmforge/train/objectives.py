@@ -83,7 +83,7 @@ class CausalLMObjective(TokenPrediction):
 class MaskedLMObjective(TokenPrediction):
     """Masked-token prediction (BERT). labels = IGNORE_INDEX except at the masked positions."""
 
-    accuracy_name = "masked_accuracy"
+    accuracy_name = "mlm_accuracy"
 
 
 def objective_for(arch: str) -> TokenPrediction:

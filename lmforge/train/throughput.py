@@ -71,10 +71,10 @@ def peak_flops(device: torch.device, precision: str, configured: float | None = 
     return float(cache[key])
 
 
-def memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by tensors, or this process's resident memory on CPU, in MiB."""
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or this process's resident memory on CPU, in GiB."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**30
     import psutil
 
-    return psutil.Process().memory_info().rss / 2**20
+    return psutil.Process().memory_info().rss / 2**30
