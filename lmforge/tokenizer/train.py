@@ -147,11 +147,11 @@ def learn_merges(word_counts: Mapping[bytes, int], num_merges: int,
     counts = list(word_counts.values())
 
     pair_counts: dict[str, int] = defaultdict(int)
-    pair_words: dict[str, set[int]] = defaultdict(set)  # pair -> pieces that (may) hold it
-    for index, word in enumerate(words):
-        for pair in map(operator.add, word, word[1:]):
-            pair_counts[pair] += counts[index]
-            pair_words[pair].add(index)
+    pair_words: dict[str, list[int]] = defaultdict(list)  # pair -> pieces that (may) hold it
+    for index, (word, count) in enumerate(zip(words, counts)):
+        for pair in map(operator.add, word, word[1:]):  # "abc" -> "ab", "bc"
+            pair_counts[pair] += count
+            pair_words[pair].append(index)
 
     def heap_entry(pair: str) -> tuple[int, str, str, str]:
         # Most frequent first, then the greatest (left bytes, right bytes).
@@ -178,12 +178,12 @@ def learn_merges(word_counts: Mapping[bytes, int], num_merges: int,
 
         # Rewrite the pieces holding the pair. Only pairs next to a merged spot change: for each
         # new token in a piece, its old neighbour pairs lose the piece's count, new ones gain it.
-        created: dict[str, set[int]] = defaultdict(set)  # pairs with the new token (all brand new)
+        created: dict[str, list[int]] = defaultdict(list)  # pairs with the new token (all brand new)
         for index in pair_words.pop(pair):
             word = words[index]
             new_word = word.replace(pair, merged)
             if len(new_word) == len(word):
-                continue  # the index is lazy too: an earlier merge already took this pair apart
+                continue  # the index is lazy (and may repeat a piece): the pair is already gone
             words[index] = new_word
             count = counts[index]
             last = len(new_word) - 1
@@ -195,13 +195,13 @@ def learn_merges(word_counts: Mapping[bytes, int], num_merges: int,
                     pair_counts[(right if before == merged else before) + left] -= count
                     new_pair = before + merged
                     pair_counts[new_pair] += count
-                    created[new_pair].add(index)
+                    created[new_pair].append(index)
                 if position < last and new_word[position + 1] != merged:
                     after = new_word[position + 1]
                     pair_counts[right + after] -= count
                     new_pair = merged + after
                     pair_counts[new_pair] += count
-                    created[new_pair].add(index)
+                    created[new_pair].append(index)
                 position = new_word.find(merged, position + 1)
         del pair_counts[pair]
         pair_words.update(created)
