@@ -20,6 +20,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (faster for small models; compiling takes a while)")
     parser.add_argument("--context-policy", choices=["truncate_left", "error"], default="truncate_left",
                         help="a prompt too long for the context (with the tokens to generate): drop its oldest tokens, or refuse")
 
@@ -70,7 +72,7 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
-                  max_seq_len=max_seq_len)
+                  max_seq_len=max_seq_len, compile=args.compile)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -30,6 +31,7 @@ import torch
 from ..errors import UserError
 from .chat import render_chat
 from .sampling import BatchSampler, SamplingParams
+from .static_decode import StaticDecodeStep
 from .text import TextStream
 
 CONTEXT_POLICIES = ("truncate_left", "error")
@@ -60,6 +62,7 @@ class EngineStats:
     generated_tokens: int = 0        # sampled
     cancelled: int = 0               # sequences dropped because their consumer went away
     peak_running: int = 0            # most sequences decoded together in one forward
+    compile_seconds: float = 0.0     # start-up cost of the compiled decode step
 
 
 @dataclass
@@ -101,11 +104,12 @@ class Engine:
     max_seq_len: the context served (prompt + new tokens); default min(model's, 2048).
     max_prefill_tokens: padded prompt tokens prefilled per step, so that a burst of long prompts
         does not stall the running sequences for long.
+    compile: decode with the torch.compile'd static step (static_decode.py); compiles at start.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 16,
                  context_policy: str = "truncate_left", max_seq_len: int | None = None,
-                 max_prefill_tokens: int = 4096) -> None:
+                 max_prefill_tokens: int = 4096, compile: bool = False) -> None:
         if context_policy not in CONTEXT_POLICIES:
             raise UserError(f"context_policy must be one of {CONTEXT_POLICIES}, not '{context_policy}'")
         if max_batch_size < 1:
@@ -125,6 +129,12 @@ class Engine:
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.stats = EngineStats()
+        self.static_step = None
+        if compile:
+            start = time.perf_counter()
+            self.static_step = StaticDecodeStep(model, self.cache, compile=True)
+            self.static_step(torch.zeros(max_batch_size, dtype=torch.long, device=self.device))   # compile now
+            self.stats.compile_seconds = time.perf_counter() - start
         self._lock = threading.RLock()
         self._ids = itertools.count()
 
@@ -158,8 +168,10 @@ class Engine:
         params = (params or SamplingParams()).validate()
         prompt_ids = self.prepare_prompt(prompt, params.max_new_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
-        sequence = Sequence(id=next(self._ids), prompt_ids=prompt_ids, params=params,
-                            stop_ids=self.end_token_ids | frozenset(params.stop_token_ids),
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.end_token_ids
+        sequence = Sequence(id=next(self._ids), prompt_ids=prompt_ids, params=params, stop_ids=stop_ids,
                             text=TextStream(self.tokenizer, prompt_ids, params.stop), seed=seed, on_update=on_update)
         with self._lock:
             self.waiting.append(sequence)
@@ -291,9 +303,16 @@ class Engine:
 
     def _decode(self, sequences: list[Sequence]) -> None:
         """Feed each sequence's last sampled token and sample the next one, all rows in one forward."""
-        ids = torch.tensor([[s.next_token] for s in sequences], device=self.device)
+        ids = torch.tensor([s.next_token for s in sequences], device=self.device)
         rows = torch.tensor([s.row for s in sequences], device=self.device)
-        logits = self._forward(ids, None, rows, None)
+        if self.static_step is not None:
+            tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+            tokens[rows] = ids
+            hidden = self.static_step(tokens)[rows]
+            self.cache.lengths[rows] += 1
+            logits = self.model.lm_head(hidden)
+        else:
+            logits = self._forward(ids[:, None], None, rows, None)
         self._sample(sequences, logits, rows)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor,

@@ -33,6 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI: logit -= presence if the token was generated at all
     stop: list[str] = field(default_factory=list)          # stop strings (not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the tokenizer's end tokens
+    ignore_eos: bool = False            # keep going past the tokenizer's end tokens (benchmarks)
     seed: int | None = None             # same seed -> same tokens, alone or batched
     logprobs: bool = False              # return the log-probability of each chosen token
 

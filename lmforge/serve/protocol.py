@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, and its error responses.
 
 Types are strict (a string where a number belongs is a 400, as with OpenAI); unknown fields are
-ignored so that newer clients keep working. `top_k`, `min_p` and `repetition_penalty` are
-extensions that vLLM and llama.cpp also accept.
+ignored so that newer clients keep working. `top_k`, `min_p`, `repetition_penalty` and
+`ignore_eos` are extensions that vLLM also accepts.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: bool) -> SamplingParams:
         for name, low, high in (("temperature", 0.0, 2.0), ("presence_penalty", -2.0, 2.0),
@@ -57,6 +58,7 @@ class SamplingFields(BaseModel):
             repetition_penalty=_default(self.repetition_penalty, 1.0),
             frequency_penalty=_default(self.frequency_penalty, 0.0),
             presence_penalty=_default(self.presence_penalty, 0.0), stop=stop, seed=self.seed, logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
         ).validate()
 
     @property
