@@ -12,20 +12,14 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import UserError
+from ..tokenizer.special_tokens import CHATML_TEMPLATE
 
 ROLES = ("system", "user", "assistant", "tool")
-
-# ChatML (used when a tokenizer has no template of its own).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render `messages` with the tokenizer's chat template (ChatML if it has none)."""
+    # CHATML_TEMPLATE: `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n`.
     messages = normalize_messages(messages)
     template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
     bos_token, eos_token = special_token_strings(tokenizer)

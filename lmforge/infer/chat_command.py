@@ -93,9 +93,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             if interactive:
                 sys.stdout.write("assistant> ")
-            for piece in session.reply(text):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            try:
+                for piece in session.reply(text):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:   # Ctrl-C stops this reply, not the chat
+                sys.stdout.write(" [interrupted; the turn was dropped]")
             sys.stdout.write("\n")
             sys.stdout.flush()
     return 0

@@ -56,7 +56,11 @@ def model_name(ref: str) -> str:
 
 
 def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len: int | None = None) -> Any:
-    """Load `--model` onto `--device` and wrap it in an Engine."""
+    """Load `--model` onto `--device` and wrap it in an Engine.
+
+    `args` needs model, device and context_policy; threads and compile are optional (other
+    commands, e.g. `lmforge web`, reuse this without those flags).
+    """
     import torch
 
     from ..model.loading import load
@@ -65,14 +69,14 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, device=device)
     if tokenizer is None:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
-                  max_seq_len=max_seq_len, compile=args.compile)
+                  max_seq_len=max_seq_len, compile=getattr(args, "compile", False))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

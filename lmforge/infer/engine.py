@@ -205,8 +205,13 @@ class Engine:
         if any(not 0 <= t < vocab_size for t in ids):
             raise UserError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}); fix the token ids")
         if not ids:
-            # An empty prompt starts a fresh document.
-            ids = [getattr(self.tokenizer, "eot_id", 0)]
+            # An empty prompt starts a fresh document: condition on the document separator (or BOS).
+            starts = [t for t in (getattr(self.tokenizer, "eot_id", None), getattr(self.tokenizer, "bos_id", None))
+                      if isinstance(t, int)]
+            if not starts:
+                raise UserError("the prompt is empty and the tokenizer has no end-of-text or BOS token to start "
+                                "from; give a non-empty prompt")
+            ids = starts[:1]
         budget = self.context_length - max_new_tokens
         if budget < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the context of "

@@ -31,6 +31,8 @@ class Event:
 
 
 class Scheduler:
+    """Runs `engine.step()` in one background thread while requests are waiting or running."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._wake = threading.Event()
@@ -71,6 +73,7 @@ class Scheduler:
                 self.engine.cancel(sequence)
 
         sequence = self.engine.submit(prompt, params, on_update=on_update)
+        self.start()   # no-op when running; an app mounted inside another app gets no startup event
         self._wake.set()
         return sequence
 
