@@ -7,7 +7,7 @@ generates exactly --new-tokens tokens (end tokens ignored) from the same prompt;
 whose one-off compile time is reported separately). The greedy tokens are compared too.
 Ends with one JSON line.
 
-    python benchmarks/bench_decode.py [--models tiny,smollm2] [--new-tokens 64] [--threads N] [--compile-models tiny]
+    python benchmarks/bench_decode.py [--models tiny,smollm2] [--new-tokens 64] [--threads N] [--compile-models tiny,smollm2]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import warnings
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")   # transformers' GGUF conversion bar
 
 import torch
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
-    parser.add_argument("--compile-models", default="tiny",
+    parser.add_argument("--compile-models", default="tiny,smollm2",
                         help="models also run with the compiled decode step (it pays off where overhead dominates)")
     args = parser.parse_args()
     if args.threads:
