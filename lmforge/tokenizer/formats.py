@@ -44,6 +44,9 @@ def _pre_tokenizer_json(tokenizer: BPETokenizer) -> dict[str, Any]:
 def to_hf_json(tokenizer: BPETokenizer) -> dict[str, Any]:
     """The `tokenizer.json` document (as a dict) for a BPETokenizer."""
     vocab = {bytes_to_token_string(token): index for token, index in sorted(tokenizer.vocab.items(), key=lambda item: item[1])}
+    # Specials go in the model vocab too (as HF does): without them, a tokenizer whose specials are
+    # not the last ids (SmolLM2's are 0..16) would get them renumbered when HF loads the file.
+    vocab.update(tokenizer.special_tokens)
     added = [{"id": index, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for text, index in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])]
