@@ -20,7 +20,7 @@ from ..model.presets import PRESETS, get_preset
 
 OPTIMIZERS = ("adamw", "torch", "fused")      # ours (from scratch) | torch.optim.AdamW | torch's fused kernel
 SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -53,7 +53,8 @@ class TrainConfig:
     decay_fraction: float = 0.2         # wsd: the last fraction of the steps decays linearly to min_lr
     ema_decay: float = 0.0              # EMA of the weights (e.g. 0.999); 0 = off. Evaluation uses the EMA.
     # Speed and numerics
-    precision: str = "fp32"             # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU only)
+    precision: str = "fp32"             # auto | fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU only);
+                                        # auto = bf16 on GPU, and on CPU whichever matmul is measured faster
     compile: bool = False               # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     distributed: str = "ddp"            # under torchrun: ddp | fsdp (FSDP2 fully_shard)

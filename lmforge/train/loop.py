@@ -42,7 +42,7 @@ from .ema import EMA
 from .objectives import Objective
 from .optim import build_optimizer
 from .schedule import LRSchedule
-from .throughput import memory_gb, peak_flops
+from .throughput import memory_gb, peak_flops, resolve_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,9 +101,10 @@ class Trainer:
                  hooks: list[Any] | tuple[Any, ...] = (), tracker: Any = None, progress: Any = None,
                  flops_per_token: float | None = None, config_dict: dict[str, Any] | None = None,
                  model_config: dict[str, Any] | None = None) -> None:
-        self.config = config.validate()
         self.context = context or DistributedContext(device=pick_device(config.device))
         self.device = self.context.device
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
+        self.config = config.validate()
         self.objective, self.batches, self.evaluate = objective, batches, evaluate
         self.hooks, self.tracker, self.progress = list(hooks), tracker, progress
         self.run_dir = Path(run_dir)

@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .config import PretrainConfig
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .loop import RunResult, Trainer
+from .throughput import resolve_precision
 
 
 def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
@@ -55,7 +56,8 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
         meta = read_meta(config.data)
         tokenizer = _load_tokenizer(config, meta)
         # The vocabulary is the tokenizer's, whatever the preset says.
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=meta.vocab_size))
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=meta.vocab_size),
+                                     precision=resolve_precision(config.precision, context.device))
         config.validate()
         resume_from = _checkpoint_to_resume(run_dir, resume, context)
 

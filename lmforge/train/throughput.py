@@ -32,8 +32,8 @@ def _device_name(device: torch.device) -> str:
 def measure_matmul_flops(device: torch.device, precision: str, seconds: float = 0.4) -> float:
     """FLOP/s of square matmuls on this device and dtype (< 1 s): the best of several short rounds,
     so that a moment of contention from other processes does not lower the peak."""
-    size = 4096 if device.type == "cuda" else 512
     dtype = _DTYPES[precision]
+    size = 4096 if device.type == "cuda" else _cpu_matrix_size(dtype)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     torch.matmul(a, b)    # warm up kernels and caches
@@ -50,6 +50,21 @@ def measure_matmul_flops(device: torch.device, precision: str, seconds: float = 
             torch.cuda.synchronize(device)
         best = max(best, 2 * size ** 3 * per_round / (time.perf_counter() - round_start))
     return best
+
+
+def _cpu_matrix_size(dtype: torch.dtype, max_size: int = 2048, target_seconds: float = 0.02) -> int:
+    """The largest power-of-two size whose matmul still takes under ~20 ms: small matrices
+    under-report a fast CPU's peak (overheads dominate), while big ones take seconds in a dtype
+    the CPU only emulates (bf16 without AVX512-BF16/AMX)."""
+    size = 256
+    while size < max_size:
+        a = torch.randn(size, size).to(dtype)
+        start = time.perf_counter()
+        torch.matmul(a, a)
+        if time.perf_counter() - start > target_seconds:
+            break
+        size *= 2
+    return size
 
 
 def peak_flops(device: torch.device, precision: str, configured: float | None = None) -> float:
@@ -69,6 +84,21 @@ def peak_flops(device: torch.device, precision: str, configured: float | None = 
         except OSError:
             pass   # an unwritable cache only means measuring again next time
     return float(cache[key])
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` -> the fastest sensible training precision on this device; anything else unchanged.
+
+    bf16 is the GPU default (fp16 only where bf16 is missing). On CPU it depends on the chip: with
+    AMX or AVX512-BF16, bf16 matmuls run several times faster than fp32; on AVX2-only CPUs they are
+    emulated and run many times slower. So measure (once, cached) rather than guess.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    faster = peak_flops(device, "bf16") > 1.2 * peak_flops(device, "fp32")
+    return "bf16" if faster else "fp32"
 
 
 def memory_gb(device: torch.device) -> float:
