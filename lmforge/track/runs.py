@@ -19,7 +19,7 @@ from .tracker import METRICS_FILE, read_jsonl
 
 # Any of these in a run directory means the run completed (the trainer writes the final
 # checkpoint to `final/`; the speedrun writes a report).
-FINISHED_MARKERS = ("final", "report.md", "report.json")
+FINISHED_MARKERS = ("model.safetensors", "report.md", "report.json")   # the trainer exports model.safetensors at the end
 
 # Plot panels: (title, y keys drawn as lines, y keys drawn as markers). Panels with no data in
 # any run are left out, so a BERT run gets an MLM-accuracy panel and a GPT run does not.
