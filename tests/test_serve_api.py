@@ -102,6 +102,12 @@ def test_chat_non_streaming_and_streaming_with_usage(client, tiny, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
 
+    with_logprobs = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=15, temperature=0.8,
+                                                   seed=11, logprobs=True)
+    content = with_logprobs.choices[0].logprobs.content
+    assert bytes(b for item in content for b in item.bytes).decode("utf-8") == expected.text
+    assert all(item.logprob <= 0 for item in content)
+
 
 def test_sixteen_concurrent_streams_each_equal_the_request_served_alone(served):
     server, engine = served

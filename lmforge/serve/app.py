@@ -82,7 +82,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         _check_model(body.model, model_name)
         logprobs = body.logprobs is not None
         submitted = _submit(scheduler, body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs)
-        reply = _Reply("cmpl", "text_completion", model_name, engine)
+        reply = _Reply("cmpl", model_name, engine)
         if body.stream:
             return _sse(reply.stream_completion(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
@@ -95,7 +95,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         prompt = render_chat(engine.tokenizer, body.messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
         submitted = _submit(scheduler, [prompt], body, None, logprobs)
-        reply = _Reply("chatcmpl", "chat.completion", model_name, engine)
+        reply = _Reply("chatcmpl", model_name, engine)
         if body.stream:
             return _sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
@@ -187,9 +187,9 @@ def _sse(chunks: AsyncIterator[dict], submitted: _Submitted, scheduler: Schedule
 class _Reply:
     """Builds the OpenAI response objects (whole or chunked) for one request."""
 
-    def __init__(self, id_prefix: str, kind: str, model_name: str, engine: Engine) -> None:
+    def __init__(self, id_prefix: str, model_name: str, engine: Engine) -> None:
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
-        self.kind, self.model_name, self.engine = kind, model_name, engine
+        self.model_name, self.engine = model_name, engine
         self.created = int(time.time())
 
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
@@ -201,14 +201,24 @@ class _Reply:
         completion = sum(s.completion_tokens for s in sequences)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def _token_bytes(self, token: int) -> bytes:
+        tokenizer = self.engine.tokenizer
+        if hasattr(tokenizer, "id_to_bytes"):
+            return tokenizer.id_to_bytes(token)
+        return tokenizer.decode([token]).encode("utf-8")
+
     def _token_text(self, token: int) -> str:
-        return self.engine.tokenizer.decode([token])
+        """The token as text; a token that is part of a UTF-8 character is shown as OpenAI does: bytes:\\xNN."""
+        data = self._token_bytes(token)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
     def chat_logprobs(self, sequence: Sequence, start: int, end: int) -> dict:
-        content = []
-        for token, logprob in zip(sequence.token_ids[start:end], sequence.logprobs[start:end]):
-            text = self._token_text(token)
-            content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+        content = [{"token": self._token_text(token), "logprob": logprob, "bytes": list(self._token_bytes(token)),
+                    "top_logprobs": []}
+                   for token, logprob in zip(sequence.token_ids[start:end], sequence.logprobs[start:end])]
         return {"content": content}
 
     def completion_logprobs(self, sequence: Sequence, start: int, end: int, offset: int) -> dict:
