@@ -7,7 +7,7 @@ generates exactly --new-tokens tokens (end tokens ignored) from the same prompt;
 whose one-off compile time is reported separately). The greedy tokens are compared too.
 Ends with one JSON line.
 
-    python benchmarks/bench_decode.py [--models tiny,smollm2] [--new-tokens 64] [--threads N] [--compile-models tiny,smollm2]
+    python benchmarks/bench_decode.py [--models tiny,smollm2] [--new-tokens 64] [--threads 1] [--compile-models tiny,smollm2]
 """
 from __future__ import annotations
 
@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for both sides (0 = torch's default). 1 by default: on a small or "
+                             "shared CPU, intra-op threads make microsecond decode ops wait on each other and the "
+                             "timings swing several-fold")
     parser.add_argument("--compile-models", default="tiny,smollm2",
                         help="models also run with the compiled decode step (it pays off where overhead dominates)")
     args = parser.parse_args()

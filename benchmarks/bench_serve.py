@@ -109,7 +109,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--server-args", default="", help="extra `lmforge serve` flags, e.g. '--threads 1'")
+    parser.add_argument("--server-args", default="--threads 1",
+                        help="extra `lmforge serve` flags (one torch thread by default: see bench_decode.py)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
