@@ -7,23 +7,17 @@ Heavy modules (torch, transformers) are imported on first use so that `import lm
 """
 from __future__ import annotations
 
-from typing import Any
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("lmforge.model.loading", "load"),
-    "load_tokenizer": ("lmforge.tokenizer", "load_tokenizer"),
-    "UserError": ("lmforge.errors", "UserError"),
+    "load": "lmforge.model.loading",
+    "load_tokenizer": "lmforge.tokenizer",
+    "UserError": "lmforge.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attribute = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attribute)
-    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

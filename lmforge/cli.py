@@ -25,14 +25,14 @@ class Command:
 
 # (roadmap stage, commands). The order here is the order of `lmforge --help`.
 STAGES: list[tuple[str, list[Command]]] = [
-    ("Stage 2 - tokenizers and data", [
+    ("Stage 1 - attention and transformers", [
+        Command("inspect", "lmforge.labs.commands", "attention heatmaps and a model's inputs/outputs"),
+        Command("model", "lmforge.model.commands", "parameter counts, FLOPs and memory of a model"),
+    ]),
+    ("Stage 2 - tokenizers, data, GPT/BERT", [
         Command("tokenizer", "lmforge.tokenizer.commands", "train, inspect and compare byte-level BPE tokenizers"),
         Command("data", "lmforge.data.commands", "turn a corpus into token shards for training"),
-    ]),
-    ("Stage 1-2 - models (GPT, BERT, Llama) and how they work", [
-        Command("model", "lmforge.model.commands", "parameter counts, FLOPs and memory of a model"),
         Command("convert", "lmforge.model.convert_command", "convert between lmforge, Hugging Face and GGUF formats"),
-        Command("inspect", "lmforge.labs.commands", "attention heatmaps and a model's inputs/outputs"),
     ]),
     ("Stage 3 - pretraining", [
         Command("pretrain", "lmforge.train.commands", "pretrain a GPT (causal LM) or BERT (masked LM)"),
@@ -83,6 +83,18 @@ def make_parser(prog: str, description: str, example: str) -> argparse.ArgumentP
 def add_subparser(subparsers, name: str, description: str, example: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(name, help=description, description=description,
                                  epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (servers warn before binding anything else)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_command_parser(name: str) -> argparse.ArgumentParser:

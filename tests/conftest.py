@@ -22,3 +22,12 @@ def _seed_torch():
         return
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Use with `pytestmark = pytest.mark.usefixtures("one_thread")` in modules of tiny-model tests."""
+    from threads import one_thread as one_torch_thread
+
+    with one_torch_thread():
+        yield

@@ -5,26 +5,14 @@ decoding has clear margins and batched-vs-alone comparisons test the engine, not
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
+from threads import one_thread
 
 TRAIN_STEPS = 80
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: splitting microsecond ops over busy cores costs more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,15 +7,12 @@ import sys
 
 import pytest
 
-from infer_support import load_tiny, one_thread, tiny_model_dir
+from infer_support import load_tiny, tiny_model_dir
 from lmforge.cli import main
 from lmforge.infer import Engine, SamplingParams, render_chat
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_streams_the_engine_output(capsys):

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from infer_support import load_tiny, one_thread
+from infer_support import load_tiny
 from lmforge.errors import UserError
 from lmforge.infer import Engine, SamplingParams
 
@@ -15,10 +15,7 @@ PROMPTS = ["ROMEO:", "To be or not to be, that is", "The king", "What say you, m
 VARIED = SamplingParams(max_new_tokens=24, repetition_penalty=1.3, frequency_penalty=0.3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infer_support import load_tiny, one_thread
+from infer_support import load_tiny
 from lmforge.errors import UserError
 from lmforge.infer import Engine, SamplingParams
 from lmforge.infer.static_decode import StaticDecodeStep
@@ -13,10 +13,7 @@ from lmforge.model import build_model, get_preset
 PROMPTS = ["ROMEO:", "To be or not to be, that is", "The king", "What say you, my lord? I pray you tell me", "O"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("preset", ["nano", "gpt2-nano"])   # RoPE + RMSNorm + SwiGLU, and learned + LayerNorm + GELU

@@ -236,3 +236,14 @@ def test_bad_configs_are_clear_errors(bad):
 def test_unknown_preset_suggests_a_name():
     with pytest.raises(UserError, match="did you mean 'gpt2-124m'"):
         get_preset("gpt2-124")
+
+
+def test_rope_tables_extend_past_their_initial_length():
+    rotary = RotaryEmbedding(8, max_positions=4)
+    x = torch.randn(1, 1, 1, 8)
+    rotary.extend(10)
+    assert rotary.cos.shape[0] >= 10
+    reference = RotaryEmbedding(8, max_positions=16)
+    assert torch.allclose(rotary(x, torch.tensor([[9]])), reference(x, torch.tensor([[9]])))
+    model = GPT(tiny(max_seq_len=4)).eval()
+    assert model(torch.randint(0, 97, (1, 9))).shape == (1, 9, 97)  # RoPE has no hard length limit

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from infer_support import load_tiny, one_thread
+from infer_support import load_tiny
 from lmforge.infer import Engine, SamplingParams, render_chat
 from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer
@@ -18,10 +18,7 @@ KEY = "test-key"
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from lmforge.train import checkpoint as ckpt
 from train_support import CountingBatches, tiny_gpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**overrides) -> TrainConfig:

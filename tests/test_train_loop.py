@@ -14,12 +14,7 @@ from lmforge.train.checkpoint import list_checkpoints, load_trainer_state
 from train_support import CountingBatches, SplitBatches, parameters_of, tiny_bert, tiny_gpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**overrides) -> TrainConfig:

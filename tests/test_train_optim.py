@@ -15,12 +15,7 @@ from lmforge.train.schedule import LRSchedule
 from train_support import tiny_bert, tiny_gpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(optimizer_cls, steps: int = 7, **kwargs) -> tuple[nn.Module, torch.optim.Optimizer]:

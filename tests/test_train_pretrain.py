@@ -24,12 +24,7 @@ from lmforge.train.checkpoint import list_checkpoints
 
 from train_support import make_shakespeare_shards
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

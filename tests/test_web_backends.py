@@ -16,7 +16,8 @@ from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer
 from lmforge.serve.web import build_messages, build_web_app, launch, message_text
 from lmforge.serve.web_backends import ChatSettings, LocalBackend, RemoteBackend, human_count
-from web_support import MODEL_NAME, PROMPT, REPLY, one_torch_thread, tiny_chat_engine, train_tiny_chat_model
+from threads import one_thread
+from web_support import MODEL_NAME, PROMPT, REPLY, tiny_chat_engine, train_tiny_chat_model
 
 GREEDY = ChatSettings(temperature=0.0, top_p=1.0, max_new_tokens=64)
 HELLO = [{"role": "user", "content": PROMPT}]
@@ -24,7 +25,7 @@ HELLO = [{"role": "user", "content": PROMPT}]
 
 @pytest.fixture(scope="module")
 def tiny_chat():
-    with one_torch_thread():
+    with one_thread():
         yield train_tiny_chat_model()
 
 

@@ -21,7 +21,8 @@ from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer, free_port
 from lmforge.serve.web import build_web_app, launch
 from lmforge.serve.web_backends import ChatBackend, LocalBackend, RemoteBackend
-from web_support import MODEL_NAME, PROMPT, REPLY, one_torch_thread, tiny_chat_engine, train_tiny_chat_model
+from threads import one_thread
+from web_support import MODEL_NAME, PROMPT, REPLY, tiny_chat_engine, train_tiny_chat_model
 
 # Root in a container needs --no-sandbox; the rest keeps Chromium from reaching the network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -92,7 +93,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def tiny_chat():
-    with one_torch_thread():
+    with one_thread():
         yield train_tiny_chat_model()
 
 

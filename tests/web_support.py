@@ -7,11 +7,10 @@ token by token, and the tests can check the exact text the page shows.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 import torch
+from threads import one_thread
 import torch.nn.functional as F
 
 from lmforge.infer import Engine, render_chat
@@ -22,18 +21,6 @@ MODEL_NAME = "tiny-chat"
 PROMPT = "hello"
 REPLY = ("Hello there, friend. The quick brown fox jumps over the lazy dog, "
          "and a stitch in time saves nine.")
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread; several threads on a busy shared CPU spin and wait
-    (a nano training step goes from ~15 ms to over a second)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,7 +36,7 @@ def train_tiny_chat_model(steps: int = 80) -> tuple[torch.nn.Module, object]:
     ids = torch.tensor([tokenizer.encode(render_chat(tokenizer, conversation, add_generation_prompt=False))])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    with one_torch_thread():
+    with one_thread():
         for _ in range(steps):
             logits = model(ids[:, :-1])                                 # [1, T-1, V]
             loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())

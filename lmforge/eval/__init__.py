@@ -8,7 +8,7 @@ Names are imported on first use, so importing the package does not load torch.
 """
 from __future__ import annotations
 
-from typing import Any
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "evaluate_objective": "lmforge.eval.loss",
@@ -19,9 +19,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lmforge.eval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

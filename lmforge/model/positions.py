@@ -44,12 +44,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # [n_positions, head_dim/2]
         self.register_buffer("sin", angles.sin(), persistent=False)
 
+    def extend(self, n_positions: int) -> None:
+        """Make the tables cover positions < n_positions (called once per forward, with a Python
+        int, so the hot path never syncs on a tensor value; that also keeps torch.compile graphs whole)."""
+        if n_positions > self.cos.shape[0]:
+            device = self.cos.device
+            self._build(max(n_positions, 2 * self.cos.shape[0]))
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, head_dim]; position_ids: [B, T] or [T] -> rotated x, same shape and dtype."""
-        needed = int(position_ids.max()) + 1
-        if needed > self.cos.shape[0]:
-            self._build(max(needed, 2 * self.cos.shape[0]))
-            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
+        """x: [B, H, T, head_dim]; position_ids: [B, T] or [1, T], below the tables' length (see extend)
+        -> rotated x, same shape and dtype."""
         cos = self.cos[position_ids]  # [B, T, d/2] (or [T, d/2])
         sin = self.sin[position_ids]
         if cos.dim() == 3:

@@ -81,6 +81,8 @@ class Transformer(nn.Module):
             positions = torch.arange(length, device=input_ids.device)[None]   # [1, T]
             key_length, cache_step = length, None
         mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None)
+        if self.rotary is not None:
+            self.rotary.extend(key_length)
 
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:

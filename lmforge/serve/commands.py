@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, is_loopback
 from ..infer.commands import add_model_arguments, load_engine, model_name
 
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     name = args.model_name or model_name(args.model)
     app = create_app(engine, name, api_key=api_key)
-    if api_key is None and not _is_loopback(args.host):
+    if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
     print(f"serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
@@ -48,11 +47,3 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

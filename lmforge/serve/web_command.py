@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, is_loopback
 from ..errors import UserError
 
 EXAMPLES = """example:
@@ -42,14 +41,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def run(args: argparse.Namespace) -> int:
     from .web_backends import ChatSettings, LocalBackend, RemoteBackend, api_key_from_env
@@ -74,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from .web import build_web_app, launch
 
     app = build_web_app(backend, defaults=defaults)
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"note: listening on {args.host}: anyone who can reach this machine can use the demo (no login)")
     print(f"web demo for {backend.name} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     launch(app, host=args.host, port=args.port, block=True)

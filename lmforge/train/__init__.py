@@ -10,7 +10,7 @@ Names are imported on first use, so `lmforge pretrain --help` does not load torc
 """
 from __future__ import annotations
 
-from typing import Any
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "TrainConfig": "lmforge.train.config",
@@ -36,9 +36,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lmforge.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -293,7 +293,9 @@ class Trainer:
         ema = self.ema.applied(self.raw) if self.ema is not None else contextlib.nullcontext()
         try:
             with ema, torch.no_grad(), self.autocast():
-                yield self.inner
+                # The uncompiled module: evaluation is short, and a compiled model would compile a
+                # second (no-grad) graph first, which costs more than it saves.
+                yield self.raw
         finally:
             self.raw.train(was_training)
 

@@ -88,7 +88,8 @@ def speedrun(config: SpeedrunConfig) -> SpeedrunResult:
     steady = train_rows[len(train_rows) // 5:] or train_rows
     resolved = _read_yaml(run_dir / "config.yaml")
     figures: dict[str, Any] = {
-        "name": name, "objective": config.objective, "recipe": config.recipe,
+        "name": name, "objective": config.objective,
+        "recipe": config.recipe if config.objective == "clm" else "original BERT (post-norm, learned positions, GELU)",
         "preset": pretrain_config.preset, "parameters": count_parameters(pretrain_config.model).total,
         "budget_minutes": config.minutes, "train_seconds": round(_last(train_rows, "elapsed_s") or 0.0, 1),
         "steps": result.step, "tokens_seen": result.tokens, "stop_reason": result.stop_reason,
@@ -221,17 +222,24 @@ def _report_markdown(figures: dict[str, Any], resolved: dict[str, Any], samples:
             ("MFU (vs measured matmul peak)", f"{(figures['mfu'] or 0):.1%}"),
             ("final train loss", figures["final_train_loss"])]
     rows += [(key, figures[key]) for key in ("val_loss", "val_ppl", "val_bpb", "val_mlm_accuracy") if key in figures]
-    rows += [("tokenizer / data / total time (s)",
-              f"{figures['tokenizer_seconds']} / {figures['data_seconds']} / {figures['total_seconds']}")]
+    def seconds(value: float) -> str:
+        return f"{value} s" if value else "cached"
+
+    rows += [("tokenizer / shards / whole speedrun",
+              f"{seconds(figures['tokenizer_seconds'])} / {seconds(figures['data_seconds'])} / {figures['total_seconds']} s")]
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [f"# Speedrun report: {figures['name']}", "",
              f"Shakespeare (`{data_dir}`), validation on held-out plays. Machine: {machine}.", "",
              "| quantity | value |", "| --- | --- |"]
     lines += [f"| {name} | {fmt(value)} |" for name, value in rows]
-    lines += ["", f"![training curves]({plot_name})", "",
-              "val_bpb is bits per UTF-8 byte of the held-out plays: it does not depend on the tokenizer, so runs "
-              "with different vocabularies compare fairly.", "",
-              "## Samples" if figures["objective"] == "clm" else "## Fill in the blank (top-5 predictions)", ""]
+    lines += ["", f"![training curves]({plot_name})", ""]
+    if figures["objective"] == "clm":
+        lines += ["val_bpb is bits per UTF-8 byte of the held-out plays: it does not depend on the tokenizer, so "
+                  "runs with different vocabularies compare fairly.", ""]
+    else:
+        lines += ["val_mlm_accuracy is the share of masked held-out tokens (15%, BERT's 80/10/10 scheme) whose "
+                  "top prediction is right.", ""]
+    lines += ["## Samples" if figures["objective"] == "clm" else "## Fill in the blank (top-5 predictions)", ""]
     for sample in samples:
         if figures["objective"] == "clm":
             lines += ["```text", sample["text"].strip(), "```", ""]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..io import write_json_atomic
 
@@ -36,7 +37,9 @@ def measure_matmul_flops(device: torch.device, precision: str, seconds: float = 
     size = 4096 if device.type == "cuda" else _cpu_matrix_size(dtype)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)    # warm up kernels and caches
+    # F.linear (x @ w.T) is the call nn.Linear makes; on CPUs it can take a different kernel than
+    # torch.matmul (oneDNN vs a generic BLAS fallback for bf16), so measure what models run.
+    F.linear(a, b)        # warm up kernels and caches
     # GPU matmuls are queued asynchronously: time batches of them between synchronisations.
     per_round = 10 if device.type == "cuda" else 2
     best, start = 0.0, time.perf_counter()
@@ -45,7 +48,7 @@ def measure_matmul_flops(device: torch.device, precision: str, seconds: float = 
             torch.cuda.synchronize(device)
         round_start = time.perf_counter()
         for _ in range(per_round):
-            torch.matmul(a, b)
+            F.linear(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = max(best, 2 * size ** 3 * per_round / (time.perf_counter() - round_start))
@@ -60,7 +63,7 @@ def _cpu_matrix_size(dtype: torch.dtype, max_size: int = 2048, target_seconds: f
     while size < max_size:
         a = torch.randn(size, size).to(dtype)
         start = time.perf_counter()
-        torch.matmul(a, a)
+        F.linear(a, a)
         if time.perf_counter() - start > target_seconds:
             break
         size *= 2
