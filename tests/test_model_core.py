@@ -120,7 +120,7 @@ def test_gqa_with_all_kv_heads_equals_mha_and_matches_explicit_attention():
     reference = F.scaled_dot_product_attention(q, k, heads(v), is_causal=True).transpose(1, 2).reshape(2, 10, 32)
     set_capture(model, False)
     from lmforge.model.attention import AttentionMask
-    got = attn(x, AttentionMask(None, True), rotary, positions)
+    got = attn(x, AttentionMask(None, True), rotary.tables(positions))
     assert torch.allclose(got, attn.out(reference), atol=1e-5)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .norms import RMSNorm
-from .positions import RotaryEmbedding
+from .positions import apply_rotary
 
 
 @dataclass
@@ -53,12 +53,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.rope_interleaved = config.rope_interleaved
         self.capture_attention = False                      # set by labs tools to keep probabilities
         self.last_attention_probs: torch.Tensor | None = None  # [B, H, T, S] when captured
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: RotaryEmbedding | None,
-                positions: torch.Tensor, cache_step: CacheStep | None = None) -> torch.Tensor:
-        """x: [B, T, d_model]; positions: [B, T] -> [B, T, d_model]."""
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache_step: CacheStep | None = None) -> torch.Tensor:
+        """x: [B, T, d_model]; rope: RoPE (cos, sin) tables of the tokens' positions -> [B, T, d_model]."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
@@ -67,8 +68,8 @@ class Attention(nn.Module):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope, self.rope_interleaved), apply_rotary(k, *rope, self.rope_interleaved)
         if cache_step is not None:
             k, v = cache_step.cache.update(self.layer_index, k, v, cache_step.rows, cache_step.positions,
                                            cache_step.key_length)

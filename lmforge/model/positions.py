@@ -52,14 +52,14 @@ class RotaryEmbedding(nn.Module):
             self._build(max(n_positions, 2 * self.cos.shape[0]))
             self.cos, self.sin = self.cos.to(device), self.sin.to(device)
 
+    def tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] (or [1, T]), below the tables' length (see extend) -> (cos, sin), each
+        [B, 1, T, head_dim/2], broadcastable over heads. Computed once per forward, shared by all layers."""
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, head_dim]; position_ids: [B, T] or [1, T], below the tables' length (see extend)
-        -> rotated x, same shape and dtype."""
-        cos = self.cos[position_ids]  # [B, T, d/2] (or [T, d/2])
-        sin = self.sin[position_ids]
-        if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        return apply_rotary(x, cos, sin, self.interleaved)
+        """x: [B, H, T, head_dim]; position_ids: [B, T] or [1, T] -> rotated x, same shape and dtype."""
+        return apply_rotary(x, *self.tables(position_ids), self.interleaved)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -33,13 +33,13 @@ class Block(nn.Module):
         self.mlp = build_mlp(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, rotary: RotaryEmbedding | None,
-                positions: torch.Tensor, cache_step: CacheStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache_step: CacheStep | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]."""
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), mask, rotary, positions, cache_step))
+            x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache_step))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, rotary, positions, cache_step)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, rope, cache_step)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -81,8 +81,10 @@ class Transformer(nn.Module):
             positions = torch.arange(length, device=input_ids.device)[None]   # [1, T]
             key_length, cache_step = length, None
         mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None)
+        rope = None
         if self.rotary is not None:
             self.rotary.extend(key_length)
+            rope = self.rotary.tables(positions)
 
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
@@ -98,9 +100,9 @@ class Transformer(nn.Module):
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, self.rotary, positions, cache_step, use_reentrant=False)
+                x = checkpoint(block, x, mask, rope, cache_step, use_reentrant=False)
             else:
-                x = block(x, mask, self.rotary, positions, cache_step)
+                x = block(x, mask, rope, cache_step)
         if kv_cache is not None:
             kv_cache.commit(cache_rows, new_lengths)
         return self.final_norm(x) if self.final_norm is not None else x
@@ -113,8 +115,15 @@ class Transformer(nn.Module):
         all and lets SDPA apply causality itself, which is its fastest path.
         """
         config = self.config
-        if not cached and padding is None and config.sliding_window is None and config.position != "alibi":
+        plain = padding is None and config.sliding_window is None and config.position != "alibi"
+        if plain and not cached:
             return AttentionMask(None, is_causal=config.is_causal)
+        if plain and config.is_causal and (positions.shape[0] == 1 or bool((positions[:, 0] == positions[0, 0]).all())):
+            # Every row starts at the same cache position (batch-1 decoding always does).
+            if positions.shape[1] == 1:
+                return AttentionMask(None, is_causal=False)   # one new token sees every cached key
+            if int(positions[0, 0]) == 0:
+                return AttentionMask(None, is_causal=True)    # prefill of empty rows: plain causal
         key_positions = torch.arange(key_length, device=positions.device)
         query_positions = positions[:, :, None]                                   # [B|1, T, 1]
         allowed = torch.ones(1, 1, 1, dtype=torch.bool, device=positions.device)
