@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lmforge.errors import UserError
 from lmforge.model import build_model, get_preset
-from lmforge.model.hf import tied_names
+from lmforge.model.builders import tied_names
 from lmforge.model.loading import atomic_directory, load, locate, resolve_config, save_pretrained
 
 

@@ -12,3 +12,14 @@ def build_model(config: ModelConfig) -> nn.Module:
     """ModelConfig -> randomly initialised GPT or BERT."""
     config.validate()
     return GPT(config) if config.arch == "gpt" else BERT(config)
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that are the same tensor as an earlier one (a tied output head): stored once."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases.add(name)
+        seen.add(id(parameter))
+    return aliases

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
-from .hf import LLAMA, config_from_hf, import_state_dict, interleaved_to_half_split, tied_names
+from .builders import tied_names
+from .hf import LLAMA, config_from_hf, import_state_dict, interleaved_to_half_split
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 DEQUANTIZABLE = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import read_json, write_json_atomic
+from .builders import tied_names
 from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- name tables
@@ -518,17 +519,6 @@ def load_hf_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float
     ours, missing = import_state_dict(state, config, family, expected, origin)
     _load_into(model, ours, allowed_missing=set(missing) | set(family.own_heads) | tied_names(model))
     return model.to(dtype).eval(), missing
-
-
-def tied_names(model: nn.Module) -> set[str]:
-    """State-dict names that are the same tensor as an earlier one (the tied output head)."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
-            aliases.add(name)
-        seen.add(id(parameter))
-    return aliases
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], allowed_missing: set[str]) -> None:

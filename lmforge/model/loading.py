@@ -283,7 +283,8 @@ def _check_vocabulary(config: ModelConfig, tokenizer: Any, ref: Any) -> None:
 
 def _load_lmforge(source: ModelSource) -> nn.Module:
     from .builders import build_model
-    from .hf import read_safetensors, tied_names
+    from .builders import tied_names
+    from .hf import read_safetensors
 
     config = _lmforge_config(source.path)
     file = source.weights
@@ -343,7 +344,7 @@ def save_pretrained(model: nn.Module, tokenizer: Any, directory: str | os.PathLi
     """Write `model` (and `tokenizer`, if not None) in the lmforge format; `load(directory)` reads it back."""
     from safetensors.torch import save_file
 
-    from .hf import tied_names
+    from .builders import tied_names
 
     aliases = tied_names(model)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()

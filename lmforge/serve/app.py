@@ -253,7 +253,6 @@ class _Reply:
         remaining = len(submitted.sequences)
         while remaining:
             event = await submitted.events.get()
-            sequence = submitted.sequences[event.index]
             start, end = reported[event.index], event.tokens
             reported[event.index] = end
             if event.done is not None:

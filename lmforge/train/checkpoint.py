@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_json_atomic, write_text_atomic
@@ -60,17 +59,6 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
-
-
-def tied_aliases(model: nn.Module) -> set[str]:
-    """Names of parameters that are another parameter (a tied output head): stored once."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.add(id(param))
-    return aliases
 
 
 def _fsync_dir(path: Path) -> None:

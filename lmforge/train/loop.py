@@ -42,6 +42,7 @@ from .ema import EMA
 from .objectives import Objective
 from .optim import build_optimizer
 from .schedule import LRSchedule
+from ..model.builders import tied_names
 from .throughput import memory_gb, peak_flops, resolve_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,7 +325,7 @@ class Trainer:
         rng_states = self.context.gather_objects(_rng_state())
         loader_states = self.context.gather_objects(self.batches.state_dict())
         if self.context.is_main:
-            aliases = ckpt.tied_aliases(self.raw)
+            aliases = tied_names(self.raw)
             trainer_state = {
                 "step": self.step, "tokens": self.tokens, "elapsed_seconds": self.elapsed_seconds,
                 "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
@@ -359,7 +360,7 @@ class Trainer:
         full = StateDictOptions(full_state_dict=True, strict=False)
         weights = ckpt.load_tensors(path / "model.safetensors")
         incompatible = set_model_state_dict(self.raw, weights, options=full)
-        missing = set(incompatible.missing_keys) - ckpt.tied_aliases(self.raw)
+        missing = set(incompatible.missing_keys) - tied_names(self.raw)
         if missing or incompatible.unexpected_keys:
             raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
@@ -387,7 +388,7 @@ class Trainer:
             weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             weights = {name: tensor.clone() for name, tensor in weights.items()}
         if self.context.is_main:
-            aliases = ckpt.tied_aliases(self.raw)
+            aliases = tied_names(self.raw)
             ckpt.export_model(directory, {k: v for k, v in weights.items() if k not in aliases}, self.model_config)
         self.context.barrier()
 

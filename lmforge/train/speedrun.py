@@ -11,7 +11,6 @@ vocabulary size and checked by fingerprint), so a second run spends its time tra
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
