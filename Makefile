@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/lmforge speedrun
 
 test: setup
-	$(PY) -m pytest -q -x --timeout=900
+	$(PY) -m pytest -q --timeout=900
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
