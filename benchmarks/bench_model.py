@@ -84,13 +84,8 @@ def forward_backward(model: torch.nn.Module, ids: torch.Tensor, dtype_name: str)
     return step
 
 
-def peaks() -> dict[str, float]:
-    cpu = torch.device("cpu")
-    return {name: measure_matmul_flops(cpu, name, seconds=1.0) for name in ("fp32", "bf16")}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch shape flags that this benchmark and bench_train.py share."""
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -98,6 +93,16 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--n-heads", type=int, default=6)
     parser.add_argument("--vocab-size", type=int, default=8192)
+
+
+def peaks() -> dict[str, float]:
+    cpu = torch.device("cpu")
+    return {name: measure_matmul_flops(cpu, name, seconds=1.0) for name in ("fp32", "bf16")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args()
     peak = peaks()

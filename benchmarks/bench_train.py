@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from bench_model import autocast, hf_model, median_seconds, model_configs, peaks
+from bench_model import add_shape_arguments, autocast, hf_model, median_seconds, model_configs, peaks
 
 from lmforge.model import GPT
 from lmforge.model.info import flops_per_token
@@ -63,13 +63,7 @@ def hf_step(family: str, config, ids: torch.Tensor, precision: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--n-layers", type=int, default=6)
-    parser.add_argument("--n-heads", type=int, default=6)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    add_shape_arguments(parser)
     args = parser.parse_args()
     peak = peaks()
     bf16_emulated = peak["bf16"] < peak["fp32"]
