@@ -5,7 +5,9 @@ bundled SmolLM2-135M-Instruct (transformers reads the same GGUF with `gguf_file=
 generates exactly --new-tokens tokens (end tokens ignored) from the same prompt; the best of
 --repeats runs counts. lmforge runs eagerly and with its compiled decode step (`compile=True`,
 whose one-off compile time is reported separately). The greedy tokens are compared too.
-Ends with one JSON line.
+The "matmul floor" row is the speed at which one batch-1 pass over every nn.Linear of the model
+runs with nothing else (no attention, norms, sampling): no implementation that keeps the same fp32
+weights can decode faster than that on this machine. Ends with one JSON line.
 
     python benchmarks/bench_decode.py [--models tiny,smollm2] [--new-tokens 64] [--threads 1] [--compile-models tiny,smollm2]
 """
@@ -41,6 +43,20 @@ def ours_tokens_per_second(model, tokenizer, prompt_ids: list[int], new_tokens: 
         best = min(best, time.perf_counter() - start)
         tokens = result.token_ids
     return new_tokens / best, tokens, engine.stats.compile_seconds
+
+
+def matmul_floor_tokens_per_second(model, repeats: int) -> float:
+    """Tokens/s of a bare batch-1 pass through every nn.Linear (the weight-streaming ceiling)."""
+    weights = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    inputs = [torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight in weights]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for weight, x in zip(weights, inputs):
+                torch.nn.functional.linear(x, weight)
+            best = min(best, time.perf_counter() - start)
+    return 1.0 / best
 
 
 def hf_tokens_per_second(hf_model, prompt_ids: list[int], new_tokens: int, repeats: int) -> tuple[float, list[int]]:
@@ -124,14 +140,19 @@ def main() -> None:
                 if compile:
                     figures[f"{label}_compile_s"] = round(compile_seconds, 1)
             figures[f"{name}_transformers_tokens_per_s"] = round(hf_speed, 2)
+            floor = matmul_floor_tokens_per_second(model, args.repeats * 5)
+            rows.append((name, "floor", floor, hf_speed, None, 0.0))
+            figures[f"{name}_matmul_floor_tokens_per_s"] = round(floor, 2)
 
     print(f"decode at batch 1, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print("(floor: a bare batch-1 pass through every nn.Linear, the ceiling for these fp32 weights)")
     print(f"{'model':<9} {'lmforge':<9} {'lmforge tok/s':>13} {'transformers tok/s':>19} {'ratio':>7} "
           f"{'same greedy':>12} {'compile s':>10}")
     for name, mode, speed, hf_speed, same, compile_seconds in rows:
         compiled = f"{compile_seconds:.1f}" if mode == "compiled" else "-"
+        same_text = "-" if same is None else f"{same}/{args.new_tokens}"
         print(f"{name:<9} {mode:<9} {speed:>13.1f} {hf_speed:>19.1f} {speed / hf_speed:>6.2f}x "
-              f"{same:>8}/{args.new_tokens} {compiled:>10}")
+              f"{same_text:>12} {compiled:>10}")
     print(json.dumps(figures))
 
 
