@@ -74,12 +74,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keep example blocks as written and show defaults."""
 
 
-def make_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
-    """A parser whose --help ends with a runnable example."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=f"example:\n  {example}",
-                                   formatter_class=HelpFormatter)
-
-
 def add_subparser(subparsers, name: str, description: str, example: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(name, help=description, description=description,
                                  epilog=f"example:\n  {example}", formatter_class=HelpFormatter)

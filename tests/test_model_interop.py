@@ -116,6 +116,36 @@ def test_bert_model_import_reports_the_missing_mlm_head(tmp_path):
     assert "mlm_decoder.bias" in model.missing_weights and "pooler.weight" not in model.missing_weights
 
 
+def test_bert_pooler_matches_transformers_and_the_classifier_head_trains(tmp_path):
+    """The pooled [CLS] vector equals BertModel's pooler_output; classify() gives [B, n_labels] logits
+    whose head learns (reward models use it with n_labels=1)."""
+    reference = perturb(T.BertModel(T.BertConfig(**_BERT)))
+    reference.save_pretrained(tmp_path)
+    ids, mask = batch()
+    types = torch.randint(0, 3, ids.shape)
+    with pytest.warns(UserWarning):
+        model, _ = load(tmp_path)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+        pooled = model.pooled(model.hidden_states(ids, mask, types))
+    assert (pooled - expected).abs().max() < ATOL
+
+    classifier = build_model(ModelConfig(arch="bert", vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4,
+                                         max_seq_len=32, type_vocab_size=3, n_labels=3))
+    targets = torch.tensor([0, 2])
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        logits = classifier.classify(ids, mask, types)
+        assert logits.shape == (2, 3)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_gpt2_base_model_names_without_prefix_are_accepted(tmp_path):
     """The original GPT-2 files name tensors 'h.0.attn...' (GPT2Model), not 'transformer.h.0...'."""
     reference = perturb(T.GPT2LMHeadModel(T.GPT2Config(**_GPT2)))

@@ -35,9 +35,6 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def plan(self, rows: torch.Tensor | None, length: int, attention_mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Positions for `length` new tokens per row. Returns (positions [B, T], new lengths [B], S)."""

@@ -75,7 +75,6 @@ class MixtureOfExperts(nn.Module):
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         self.experts = nn.ModuleList(build_dense_mlp(config) for _ in range(config.n_experts))
         self.aux_loss: torch.Tensor | None = None
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (weights [N, k], experts [N, k])
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens: [N, d] -> (weights [N, k] summing to 1, expert ids [N, k], router logits [N, E])."""
@@ -89,7 +88,6 @@ class MixtureOfExperts(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])                                     # [N, d]
         weights, experts, logits = self.route(tokens)
-        self.last_routing = (weights.detach(), experts.detach())
         output = torch.zeros_like(tokens)
         for expert_index, expert in enumerate(self.experts):
             token_index, slot = (experts == expert_index).nonzero(as_tuple=True)
