@@ -91,6 +91,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(port: int) -> None:
+    """A TCP port a server can listen on, or a UserError that says so."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a TCP port; use a number from 1 to 65535")
+
+
 def build_command_parser(name: str) -> argparse.ArgumentParser:
     command = COMMANDS[name]
     module = importlib.import_module(command.module)

@@ -10,3 +10,13 @@ class UserError(Exception):
     """An error the user can fix; its message is shown as-is, without a traceback."""
 
     exit_code = 2
+
+
+class ContextLengthError(UserError):
+    """A prompt (plus the tokens asked for) does not fit in the model's context."""
+
+    code = "context_length_exceeded"   # OpenAI's error code for the same case
+
+    def __init__(self, message: str, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_new_tokens, self.context_length = prompt_tokens, max_new_tokens, context_length

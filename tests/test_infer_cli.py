@@ -1,11 +1,13 @@
 """`lmforge generate` and `lmforge chat` on the tiny trained model."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from infer_support import load_tiny, tiny_model_dir
 from lmforge.cli import main
@@ -42,6 +44,38 @@ def test_generate_bad_settings_exit_2_with_one_line(capsys):
     assert main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--model", "no/such/model", "--prompt", "x"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--device", "bogus"], "device 'bogus' is not a device name"),
+    (["generate", "--device", "cuda:0"], "CUDA is not available"),
+    (["generate", "--threads", "0"], "--threads 0 is below 1"),
+    (["generate", "--seed", str(2**64)], "seed must be an integer between"),
+    (["serve", "--port", "70000"], "--port 70000 is not a TCP port"),
+    (["serve", "--max-seq-len", "-5"], "--max-seq-len -5 is below 1"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size 0 is below 1"),
+])
+def test_bad_command_line_values_exit_2_with_one_line(capsys, argv, message):
+    if torch.cuda.is_available() and "cuda:0" in argv:
+        pytest.skip("this machine has CUDA")
+    extra = ["--prompt", "x", "--max-new-tokens", "2"] if argv[0] == "generate" else []
+    assert main([*argv, "--model", str(tiny_model_dir()), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_chat_reports_a_message_too_long_for_the_context_and_keeps_chatting(capsys, monkeypatch):
+    model, tokenizer = load_tiny()
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    expected = Engine(model, tokenizer).generate([render_chat(tokenizer, [{"role": "user", "content": "Hail"}])],
+                                                 params)[0].text
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello " * 400 + "\nHail\n"))
+    code = main(["chat", "--model", str(tiny_model_dir()), "--max-new-tokens", "5", "--temperature", "0",
+                 "--context-policy", "error"])
+    first_line, rest = capsys.readouterr().out.split("\n", 1)
+    assert code == 0
+    assert first_line.startswith("[error: the prompt has") and first_line.endswith("the turn was dropped]")
+    assert rest == expected + "\n"   # the dropped turn is not part of the conversation
 
 
 @pytest.mark.slow

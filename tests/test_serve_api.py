@@ -159,6 +159,8 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
     ("/v1/chat/completions", {**CHAT, "messages": []}, "non-empty list"),
     ("/v1/chat/completions", {"messages": CHAT["messages"]}, "'model' is required"),
     ("/v1/chat/completions", {**CHAT, "temperature": 3.5}, "temperature=3.5 is out of range"),
+    ("/v1/completions", {**COMPLETION, "seed": 2**64}, "seed must be an integer between"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "has role 'robot'"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body(served, path, body, message):
     response = post(served, path, body)
@@ -210,6 +212,34 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(served, monkeypatch):
         time.sleep(0.02)
     assert engine.running == 0 and not engine.waiting
     assert engine.stats.cancelled == cancelled + 1
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_slot(served, monkeypatch):
+    """Without a stream the handler still notices the closed connection while tokens keep coming."""
+    server, engine = served
+    slowed(engine, monkeypatch, seconds=0.05)
+    cancelled = engine.stats.cancelled
+    body = {**COMPLETION, "max_tokens": 120, "temperature": 1.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 3    # 120 tokens would take 6 s more
+    while (engine.running or engine.waiting) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0 and not engine.waiting
+    assert engine.stats.cancelled == cancelled + 1
+
+
+def test_openai_message_variants_are_accepted(client, tiny, reference):
+    """Newer clients send a "developer" role (= system) and null content on assistant turns."""
+    _, tokenizer = tiny
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hail"},
+                {"role": "assistant", "content": None}, {"role": "user", "content": "And?"}]
+    prompt = render_chat(tokenizer, [{"role": "system", "content": "Be brief."}, messages[1],
+                                     {"role": "assistant", "content": ""}, messages[3]])
+    expected = reference.generate([prompt], SamplingParams(max_new_tokens=6))[0].text
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert response.choices[0].message.content == expected
 
 
 def test_a_client_that_stops_reading_does_not_stall_the_others(served, client, monkeypatch):

@@ -11,6 +11,8 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import UserError
+from lmforge.infer import Engine, SamplingParams
+from lmforge.infer.chat import fit_chat
 from lmforge.model.info import count_parameters
 from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer
@@ -86,6 +88,40 @@ def test_remote_backend_reports_server_side_refusals(served):
     with pytest.raises(UserError, match="answered 400: max_tokens=500 is out of range"):
         list(remote.stream_reply(HELLO, ChatSettings(max_new_tokens=500)))
     remote.close()
+
+
+def test_both_backends_drop_the_oldest_exchanges_of_a_conversation_too_long_for_the_context(tiny_chat):
+    """The web page keeps chatting when the history outgrows the context: old exchanges go first,
+    the system prompt and the new message stay; locally by counting, remotely on the server's
+    context_length_exceeded answer."""
+    model, tokenizer = tiny_chat
+    history = []
+    for turn in range(8):
+        history += [{"role": "user", "content": f"q{turn}"},
+                    {"role": "assistant", "content": f"a{turn}"}]
+    conversation = [{"role": "system", "content": "Be brief."}, *history, *HELLO]
+    settings = ChatSettings(temperature=0.0, top_p=1.0, max_new_tokens=16)
+    kept, prompt = fit_chat(tokenizer, 128, conversation, 16)
+    assert kept[0]["role"] == "system" and kept[-1] == HELLO[0] and 2 < len(kept) < len(conversation)
+    assert len(tokenizer.encode(prompt)) <= 128 - 16
+    expected = "".join(tiny_chat_engine(model, tokenizer).stream(prompt, settings_params(settings)))
+
+    strict = Engine(model, tokenizer, max_batch_size=2, context_policy="error")
+    with pytest.raises(UserError, match="context of 128"):
+        list(strict.stream_chat(conversation, settings_params(settings)))
+    assert "".join(LocalBackend(strict, MODEL_NAME).stream_reply(conversation, settings)) == expected
+    with BackgroundServer(create_app(Engine(model, tokenizer, max_batch_size=2, context_policy="error"),
+                                     MODEL_NAME)) as server:
+        remote = RemoteBackend(server.url)
+        assert "".join(remote.stream_reply(conversation, settings)) == expected
+        with pytest.raises(UserError, match="answered 400: the prompt has .* shorten the messages"):
+            list(remote.stream_reply([{"role": "user", "content": "too long " * 200}], settings))
+        remote.close()
+
+
+def settings_params(settings: ChatSettings) -> SamplingParams:
+    return SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                          top_p=settings.top_p)
 
 
 def test_build_messages_from_gradio_history():

@@ -33,7 +33,9 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
 def normalize_messages(messages: Any) -> list[dict[str, str]]:
     """Check the messages and return them as {"role", "content"} dicts with string content.
 
-    Content may be a string or a list of OpenAI text parts ({"type": "text", "text": ...}).
+    Content may be a string or a list of OpenAI text parts ({"type": "text", "text": ...}); an
+    assistant message may have null content (OpenAI clients send that after tool calls). OpenAI's
+    newer "developer" role is the system role under another name.
     """
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts; add a message")
@@ -42,8 +44,11 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or "role" not in message:
             raise UserError(f"messages[{index}] must be a dict with 'role' and 'content'; fix that message")
         role, content = message["role"], message.get("content")
+        role = "system" if role == "developer" else role
+        if content is None and role == "assistant":
+            content = ""
         if role not in ROLES:
-            raise UserError(f"messages[{index}] has role {role!r}; use one of {', '.join(ROLES)}")
+            raise UserError(f"messages[{index}] has role {role!r}; use one of {', '.join(ROLES)} (or developer)")
         if isinstance(content, list):
             if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                        for part in content):
@@ -54,6 +59,37 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
             raise UserError(f"messages[{index}].content must be a string; fix that message")
         normalized.append({"role": role, "content": content})
     return normalized
+
+
+def drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """The conversation without its oldest exchange: the first non-system message and the replies
+    up to the next user message. System messages and the last message always stay; None when there
+    is nothing left to drop."""
+    droppable = [index for index, message in enumerate(messages[:-1]) if message["role"] != "system"]
+    if not droppable:
+        return None
+    start = end = droppable[0]
+    end += 1
+    while end < len(messages) - 1 and messages[end]["role"] not in ("system", "user"):
+        end += 1
+    return messages[:start] + messages[end:]
+
+
+def fit_chat(tokenizer: Any, context_length: int, messages: list[dict], max_new_tokens: int
+             ) -> tuple[list[dict], str]:
+    """Drop the oldest exchanges until the rendered prompt leaves room for `max_new_tokens`.
+
+    Returns (the kept messages, their prompt). A single message that is still too long is returned
+    as it is, for the engine's context policy to truncate or refuse.
+    """
+    messages = normalize_messages(messages)
+    budget = context_length - max_new_tokens
+    while True:
+        prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+        shorter = drop_oldest_exchange(messages)
+        if shorter is None or len(tokenizer.encode(prompt)) <= budget:
+            return messages, prompt
+        messages = shorter
 
 
 def special_token_strings(tokenizer: Any) -> tuple[str, str]:

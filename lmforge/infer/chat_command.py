@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from ..cli import HelpFormatter
+from ..errors import UserError
 from .commands import add_model_arguments, add_sampling_arguments, load_engine, sampling_from_args
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
@@ -56,14 +57,12 @@ class ChatSession:
 
     def _fitting_prompt(self) -> str:
         """Drop the oldest turns (never the system prompt or the new message) until the prompt fits."""
-        from .chat import render_chat
+        from .chat import fit_chat
 
-        budget = self.engine.context_length - self.params.max_new_tokens
-        while True:
-            prompt = render_chat(self.engine.tokenizer, self.messages(), add_generation_prompt=True)
-            if len(self.engine.tokenizer.encode(prompt)) <= budget or len(self.turns) <= 1:
-                return prompt   # a single over-long message is left to the engine's context policy
-            self.turns = self.turns[2:]   # the oldest user + assistant pair
+        messages, prompt = fit_chat(self.engine.tokenizer, self.engine.context_length, self.messages(),
+                                    self.params.max_new_tokens)
+        self.turns = messages[1:] if self.system else messages
+        return prompt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
             except KeyboardInterrupt:   # Ctrl-C stops this reply, not the chat
                 sys.stdout.write(" [interrupted; the turn was dropped]")
+            except UserError as error:  # e.g. a message longer than the context: say so, keep chatting
+                sys.stdout.write(f"[error: {error}; the turn was dropped]")
             sys.stdout.write("\n")
             sys.stdout.flush()
     return 0

@@ -63,14 +63,20 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     """
     import torch
 
+    from ..device import pick_device
     from ..model.loading import load
     from .engine import Engine
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device, supported=("cpu", "cuda", "mps"))
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads} is below 1; use 1 or more, or leave it out")
+        torch.set_num_threads(threads)
+    if max_batch_size < 1:
+        raise UserError(f"--max-batch-size {max_batch_size} is below 1; use 1 or more")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise UserError(f"--max-seq-len {max_seq_len} is below 1; use a positive context length, or leave it out")
     model, tokenizer = load(args.model, device=device)
     if tokenizer is None:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "

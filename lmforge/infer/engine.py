@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import UserError
+from ..errors import ContextLengthError, UserError
 from .chat import render_chat
 from .sampling import BatchSampler, SamplingParams
 from .static_decode import StaticDecodeStep
@@ -218,9 +218,10 @@ class Engine:
                             f"{self.context_length} tokens; lower max_new_tokens")
         if len(ids) > budget:
             if self.context_policy == "error":
-                raise UserError(f"the prompt has {len(ids)} tokens, but with max_new_tokens={max_new_tokens} only "
-                                f"{budget} fit in the context of {self.context_length} tokens; shorten the prompt, "
-                                "lower max_new_tokens, or use context_policy='truncate_left'")
+                raise ContextLengthError(
+                    f"the prompt has {len(ids)} tokens, but with max_new_tokens={max_new_tokens} only {budget} fit "
+                    f"in the context of {self.context_length} tokens; shorten the prompt, lower max_new_tokens, "
+                    "or use context_policy='truncate_left'", len(ids), max_new_tokens, self.context_length)
             ids = ids[-budget:]
         return ids
 

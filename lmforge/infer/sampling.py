@@ -50,7 +50,9 @@ class SamplingParams:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), not {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, not {self.seed!r}"),
+            # torch generators take 64-bit seeds (signed or unsigned).
+            (self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+             f"seed must be an integer between -2**63 and 2**64 - 1, not {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import UserError
+from ..errors import ContextLengthError, UserError
 from ..infer.chat import render_chat
 from ..infer.engine import Engine, Sequence
 from ..infer.sampling import SamplingParams
@@ -31,6 +31,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest, error_response
 from .scheduler import Event, Scheduler
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+DISCONNECT_CHECK_SECONDS = 0.5        # how soon an abandoned non-streaming request frees its row
 
 
 class ApiError(Exception):
@@ -56,16 +57,8 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     app.state.model_name = model_name
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable) -> Any:
-        # A middleware (not a dependency) so that auth is checked before the body is validated.
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if not secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
-                message = ("missing API key; send the header 'Authorization: Bearer KEY'" if not header
-                           else "incorrect API key; send the key the server was started with")
-                return error_response(401, message, code="invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict:
@@ -105,6 +98,27 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
 
 
 _START_TIME = int(time.time())
+
+
+class ApiKeyMiddleware:
+    """Answer 401 to /v1/ requests without 'Authorization: Bearer KEY', before the body is read.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`@app.middleware`) wraps `receive`,
+    which hides a client's disconnect from `request.is_disconnected()`.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(header, self.expected):
+                message = ("missing API key; send the header 'Authorization: Bearer KEY'" if not header
+                           else "incorrect API key; send the key the server was started with")
+                await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclasses.dataclass
@@ -148,13 +162,20 @@ def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, def
 async def _wait(request: Request, submitted: _Submitted, scheduler: Scheduler) -> list[Sequence]:
     """Wait until every sequence is done; cancel them if the client goes away meanwhile."""
     remaining = len(submitted.sequences)
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_CHECK_SECONDS
     try:
         while remaining:
             try:
-                event = await asyncio.wait_for(submitted.events.get(), timeout=1.0)
+                event = await asyncio.wait_for(submitted.events.get(), timeout=DISCONNECT_CHECK_SECONDS)
             except asyncio.TimeoutError:
+                event = None
+            # Checked on a clock, not only when idle: a busy request gets an event every step.
+            if loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_CHECK_SECONDS
                 if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the connection") from None
+                    raise ApiError(499, "the client closed the connection")
+            if event is None:
                 continue
             if event.done is not None:
                 remaining -= 1
@@ -306,6 +327,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> Any:
+        if isinstance(error, ContextLengthError):   # the engine's hint names settings an API client lacks
+            return error_response(400, f"the prompt has {error.prompt_tokens} tokens and max_tokens asks for "
+                                       f"{error.max_new_tokens} more, over this model's context of "
+                                       f"{error.context_length} tokens; shorten the messages or lower max_tokens",
+                                  code=error.code)
         return error_response(400, str(error))
 
     @app.exception_handler(RequestValidationError)

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..cli import HelpFormatter, is_loopback
+from ..cli import HelpFormatter, check_port, is_loopback
 from ..infer.commands import add_model_arguments, load_engine, model_name
 
 
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
+    check_port(args.port)
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     name = args.model_name or model_name(args.model)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from ..errors import UserError
+from ..errors import ContextLengthError, UserError
 
 Message = dict[str, str]
 
@@ -88,11 +88,14 @@ class LocalBackend(ChatBackend):
 
     def stream_reply(self, messages: list[Message], settings: ChatSettings) -> Iterator[str]:
         from ..infer import SamplingParams
+        from ..infer.chat import fit_chat
 
         settings.validate()
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p)
-        yield from self.engine.stream_chat(messages, params)
+        # Like `lmforge chat`: a long conversation loses its oldest exchanges, not its system prompt.
+        _, prompt = fit_chat(self.engine.tokenizer, self.engine.context_length, messages, params.max_new_tokens)
+        yield from self.engine.stream(prompt, params)
 
     def model_info(self) -> str:
         from ..model.info import count_parameters, describe
@@ -169,6 +172,15 @@ def _error_text(body: bytes) -> str:
     return json.dumps(payload)[:300]
 
 
+def _error_code(body: bytes) -> str | None:
+    """The OpenAI error code in an error body, if any (e.g. context_length_exceeded)."""
+    try:
+        error = json.loads(body).get("error")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
+
+
 def _context_length(models: list[dict[str, Any]], model: str) -> int | None:
     """The context length a server reports for `model`, under the names servers commonly use."""
     for entry in models:
@@ -209,9 +221,13 @@ class RemoteBackend(ChatBackend):
     def _check_status(self, response: Any) -> None:
         if response.status_code < 400:
             return
-        detail = _error_text(response.read())
+        body = response.read()
+        detail = _error_text(body)
+        message = f"the server at {self.base_url} answered {response.status_code}: {detail}"
+        if _error_code(body) == ContextLengthError.code:
+            raise ContextLengthError(message, 0, 0, self.context_length or 0)
         hint = "; pass the server's key with --api-key" if response.status_code in (401, 403) else ""
-        raise UserError(f"the server at {self.base_url} answered {response.status_code}: {detail}{hint}")
+        raise UserError(message + hint)
 
     def _list_models(self) -> list[dict[str, Any]]:
         import httpx
@@ -224,9 +240,23 @@ class RemoteBackend(ChatBackend):
         return list(response.json().get("data", []))
 
     def stream_reply(self, messages: list[Message], settings: ChatSettings) -> Iterator[str]:
-        import httpx
+        """Stream the reply; a conversation the server finds too long loses its oldest exchanges."""
+        from ..infer.chat import drop_oldest_exchange
 
         settings.validate()
+        while True:
+            try:
+                yield from self._stream_once(messages, settings)
+                return
+            except ContextLengthError:   # raised before any text, so nothing is sent twice
+                shorter = drop_oldest_exchange(messages)
+                if shorter is None:
+                    raise
+                messages = shorter
+
+    def _stream_once(self, messages: list[Message], settings: ChatSettings) -> Iterator[str]:
+        import httpx
+
         body = {"model": self.name, "messages": messages, "stream": True,
                 "temperature": settings.temperature, "top_p": settings.top_p,
                 "max_tokens": settings.max_new_tokens}

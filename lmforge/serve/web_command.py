@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import HelpFormatter, is_loopback
+from ..cli import HelpFormatter, check_port, is_loopback
 from ..errors import UserError
 
 EXAMPLES = """example:
@@ -45,10 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .web_backends import ChatSettings, LocalBackend, RemoteBackend, api_key_from_env
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port; use a number from 1 to 65535")
-    if args.max_batch_size < 1:
-        raise UserError(f"--max-batch-size {args.max_batch_size} is below 1; use 1 or more")
+    check_port(args.port)
     if args.model is not None and (args.api_key is not None or args.server_model is not None):
         raise UserError("--api-key and --server-model only apply to --server-url; drop them or use --server-url")
     defaults = ChatSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_tokens).validate()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import pick_device
 from ..errors import UserError
 
 
@@ -53,24 +54,6 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
-
-
-def pick_device(request: str, local_rank: int = 0) -> torch.device:
-    """`auto` is the process's GPU when CUDA is available, else the CPU."""
-    if request == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(request)
-    except RuntimeError:
-        raise UserError(f"device '{request}' is not a device name; use auto, cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{request}' was asked for but CUDA is not available; use device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise UserError(f"device '{request}' is not supported for training; use auto, cpu or cuda")
-    return device
 
 
 def init_distributed(device_request: str = "auto") -> DistributedContext:

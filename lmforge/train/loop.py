@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import pick_device
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import (DistributedContext, full_tensor, gradient_sync, pick_device, shard_model,
+from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
 from .objectives import Objective
