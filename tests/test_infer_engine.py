@@ -117,6 +117,15 @@ def test_logprobs_are_the_model_log_softmax_of_each_chosen_token(tiny, engine):
     start = len(ids) - len(result.token_ids)
     expected = [float(reference[start - 1 + i, token]) for i, token in enumerate(result.token_ids)]
     assert result.logprobs == pytest.approx(expected, abs=1e-4)
+    assert result.top_logprobs is None
+
+    [with_top] = engine.generate(["The king"], SamplingParams(max_new_tokens=6, temperature=1.0, seed=1,
+                                                              top_logprobs=4))
+    assert with_top.token_ids == result.token_ids and len(with_top.top_logprobs) == len(result.token_ids)
+    for i, alternatives in enumerate(with_top.top_logprobs):
+        best = reference[start - 1 + i].topk(4)
+        assert [token for token, _ in alternatives] == best.indices.tolist()
+        assert [logprob for _, logprob in alternatives] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
 def test_context_overflow_truncates_left_or_refuses(tiny):

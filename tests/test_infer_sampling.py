@@ -1,10 +1,12 @@
 """Sampling filters and penalties, checked against Hugging Face's logits processors."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from lmforge.errors import UserError
 from lmforge.infer.sampling import BatchSampler, SamplingParams, filter_logits
 
 V = 50
@@ -70,7 +72,7 @@ def test_each_row_follows_its_own_settings_and_greedy_rows_are_untouched():
     rows_params = [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, seed=1),
                    SamplingParams(repetition_penalty=2.0)]
     sampler = sampler_with(rows_params, [int(logits[2].argmax())])
-    tokens, _ = sampler.sample(logits, torch.arange(3), [0, 1, 2])
+    tokens, _, _ = sampler.sample(logits, torch.arange(3), [0, 1, 2])
     assert tokens[0] == logits[0].argmax()                        # greedy, bit for bit
     assert tokens[1] in logits[1].topk(5).indices                 # sampled inside its top-5
     assert tokens[2] != logits[2].argmax()                        # its best token was seen: penalised
@@ -85,7 +87,7 @@ def test_gumbel_sampling_follows_the_softmax_distribution():
     sampler = BatchSampler(draws, len(logits))
     for row in range(draws):
         sampler.assign(row, params, [], seed=row)
-    tokens, _ = sampler.sample(logits.expand(draws, -1), torch.arange(draws), list(range(draws)))
+    tokens, _, _ = sampler.sample(logits.expand(draws, -1), torch.arange(draws), list(range(draws)))
     frequencies = torch.bincount(tokens, minlength=len(logits)).float() / draws
     assert torch.allclose(frequencies, (logits / temperature).softmax(-1), atol=0.03)
 
@@ -94,6 +96,20 @@ def test_logprobs_are_of_the_raw_distribution():
     logits = torch.randn(2, V)
     sampler = sampler_with([SamplingParams(logprobs=True, repetition_penalty=3.0),
                             SamplingParams(logprobs=True, temperature=2.0, seed=0)], [int(logits[0].argmax())])
-    tokens, logprobs = sampler.sample(logits, torch.arange(2), [0, 1])
+    tokens, logprobs, top = sampler.sample(logits, torch.arange(2), [0, 1])
     expected = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     assert torch.allclose(logprobs, expected)
+    assert top is None
+
+
+def test_top_logprobs_are_the_k_most_likely_tokens_of_the_raw_distribution():
+    logits = torch.randn(2, V)
+    sampler = sampler_with([SamplingParams(top_logprobs=3, repetition_penalty=3.0),
+                            SamplingParams(top_logprobs=1, temperature=2.0, seed=0)], [int(logits[0].argmax())])
+    _, logprobs, (values, ids) = sampler.sample(logits, torch.arange(2), [0, 1])
+    assert logprobs is not None   # top_logprobs implies the chosen tokens' log-probs
+    expected = logits.log_softmax(-1).topk(3, dim=-1)
+    assert values.shape == (2, 3)   # k = the largest request; each row keeps its own k later
+    assert torch.equal(ids, expected.indices) and torch.allclose(values, expected.values)
+    with pytest.raises(UserError, match="top_logprobs must be an integer from 0 to 20"):
+        SamplingParams(top_logprobs=21).validate()

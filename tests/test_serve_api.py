@@ -78,6 +78,12 @@ def test_completion_logprobs_and_token_prompts(client, tiny, reference):
     logprobs = response.choices[0].logprobs
     assert logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-5)
     assert "".join(logprobs.tokens) == expected.text
+    # logprobs=N also gives the N most likely tokens at each position; greedy picks the first one.
+    assert len(logprobs.top_logprobs) == len(logprobs.tokens)
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top == {token: pytest.approx(logprob, abs=1e-5)}
+    top3 = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, logprobs=3)
+    assert all(len(top) == 3 for top in top3.choices[0].logprobs.top_logprobs)
 
 
 def test_chat_non_streaming_and_streaming_with_usage(client, tiny, reference):
@@ -104,6 +110,14 @@ def test_chat_non_streaming_and_streaming_with_usage(client, tiny, reference):
     content = with_logprobs.choices[0].logprobs.content
     assert bytes(b for item in content for b in item.bytes).decode("utf-8") == expected.text
     assert all(item.logprob <= 0 for item in content)
+
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    for item in greedy.choices[0].logprobs.content:
+        assert len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= item.top_logprobs[2].logprob
 
 
 def test_sixteen_concurrent_streams_each_equal_the_request_served_alone(served):

@@ -47,6 +47,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]                 # generated tokens, without a final stop token
     logprobs: list[float] | None         # log p(token) for each of token_ids, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None   # per token: the k most likely (id, log p), when asked for
     finish_reason: str                   # "stop" (stop token or string) | "length" (max_new_tokens or context)
                                          # ("cancelled" / "error" only reach the server's own handlers)
     prompt_tokens: int                   # after any left truncation
@@ -80,6 +81,7 @@ class Sequence:
     next_token: int | None = None        # sampled but not yet fed to the model
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
@@ -92,6 +94,7 @@ class Sequence:
     def result(self) -> GenerationResult:
         return GenerationResult(text=self.text.text, token_ids=list(self.token_ids),
                                 logprobs=list(self.logprobs) if self.params.logprobs else None,
+                                top_logprobs=list(self.top_logprobs) if self.params.top_logprobs else None,
                                 finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt_ids),
                                 completion_tokens=self.completion_tokens)
 
@@ -331,14 +334,19 @@ class Engine:
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor, rows: torch.Tensor) -> None:
         row_list = [s.row for s in sequences]
-        tokens, logprobs = self.sampler.sample(logits, rows, row_list)
+        tokens, logprobs, top = self.sampler.sample(logits, rows, row_list)
         self.sampler.observe(rows, tokens, row_list)
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(sequences)
-        for sequence, token, logprob in zip(sequences, token_list, logprob_list):
-            self._accept(sequence, token, logprob)
+        if top is not None:
+            top_list = [list(zip(ids, values)) for ids, values in zip(top[1].tolist(), top[0].tolist())]
+        else:
+            top_list = [None] * len(sequences)
+        for sequence, token, logprob, alternatives in zip(sequences, token_list, logprob_list, top_list):
+            self._accept(sequence, token, logprob, alternatives)
 
-    def _accept(self, sequence: Sequence, token: int, logprob: float | None) -> None:
+    def _accept(self, sequence: Sequence, token: int, logprob: float | None,
+                alternatives: list[tuple[int, float]] | None = None) -> None:
         """Bookkeeping for one sampled token: text, stop conditions, limits."""
         sequence.completion_tokens += 1
         self.stats.generated_tokens += 1
@@ -348,6 +356,8 @@ class Engine:
         sequence.token_ids.append(token)
         if logprob is not None:
             sequence.logprobs.append(logprob)
+        if alternatives is not None and sequence.params.top_logprobs:
+            sequence.top_logprobs.append(alternatives[:sequence.params.top_logprobs])
         delta = sequence.text.push(token)
         if delta:
             sequence.deltas.append(delta)

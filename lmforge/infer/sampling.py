@@ -19,6 +19,9 @@ import torch
 from ..errors import UserError
 
 
+MAX_TOP_LOGPROBS = 20   # OpenAI's limit
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request (names follow OpenAI / Hugging Face)."""
@@ -36,10 +39,13 @@ class SamplingParams:
     ignore_eos: bool = False            # keep going past the tokenizer's end tokens (benchmarks)
     seed: int | None = None             # same seed -> same tokens, alone or batched
     logprobs: bool = False              # return the log-probability of each chosen token
+    top_logprobs: int = 0               # also the k most likely tokens at each step (implies logprobs)
 
     def validate(self) -> "SamplingParams":
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.top_logprobs:
+            self.logprobs = True
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}"),
@@ -51,6 +57,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)"),
             # torch generators take 64-bit seeds (signed or unsigned).
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.top_logprobs!r}"),
             (self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
              f"seed must be an integer between -2**63 and 2**64 - 1, not {self.seed!r}"),
         ]
@@ -114,8 +122,10 @@ class BatchSampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_list: list[int]
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [n, V] for cache rows `rows` [n] -> (tokens [n], log-probs of those tokens [n] or None).
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """logits [n, V] for cache rows `rows` [n] -> (tokens [n], log-probs of those tokens [n] or
+        None, the k most likely (log-probs [n, k], token ids [n, k]) or None), where k is the largest
+        top_logprobs among the rows.
 
         Log-probs are the model's own distribution (log-softmax of the raw logits), before any
         penalty, temperature or truncation changes it.
@@ -135,10 +145,14 @@ class BatchSampler:
             scaled = filter_logits(scaled, self.top_k[sub_rows], self.top_p[sub_rows], self.min_p[sub_rows],
                                    [params[i] for i in sampled])
             tokens[index] = self._draw(scaled, [row_list[i] for i in sampled])
-        logprobs = None
-        if any(p.logprobs for p in params):
-            logprobs = raw.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
-        return tokens, logprobs
+        logprobs = top = None
+        if any(p.logprobs or p.top_logprobs for p in params):
+            log_probs = raw.log_softmax(dim=-1)
+            logprobs = log_probs.gather(1, tokens[:, None])[:, 0]
+            k = max(p.top_logprobs for p in params)
+            if k:
+                top = log_probs.topk(k, dim=-1)
+        return tokens, logprobs, top
 
     def _penalise(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         repetition = self.repetition[rows, None]

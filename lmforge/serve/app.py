@@ -74,7 +74,8 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_model(body.model, model_name)
         logprobs = body.logprobs is not None
-        submitted = _submit(scheduler, body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs)
+        submitted = _submit(scheduler, body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs,
+                            body.logprobs or 0)
         reply = _Reply("cmpl", model_name, engine)
         if body.stream:
             return _sse(reply.stream_completion(submitted, logprobs, body.include_usage), submitted, scheduler)
@@ -87,7 +88,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         body.check()
         prompt = render_chat(engine.tokenizer, body.messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
-        submitted = _submit(scheduler, [prompt], body, None, logprobs)
+        submitted = _submit(scheduler, [prompt], body, None, logprobs, body.top_logprobs or 0)
         reply = _Reply("chatcmpl", model_name, engine)
         if body.stream:
             return _sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
@@ -134,7 +135,7 @@ def _check_model(requested: str, served: str) -> None:
 
 
 def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, default_max_tokens: int | None,
-            logprobs: bool) -> _Submitted:
+            logprobs: bool, top_logprobs: int) -> _Submitted:
     """Validate max_tokens, then queue every prompt on one shared event queue (choice i = prompt i)."""
     engine = scheduler.engine
     limit = engine.context_length
@@ -150,7 +151,7 @@ def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, def
             if max_tokens is None:
                 # Chat default (OpenAI): whatever the context has left after the prompt.
                 max_tokens = limit - len(ids) if len(ids) < limit else 1
-            params: SamplingParams = body.sampling_params(max_tokens, logprobs)
+            params: SamplingParams = body.sampling_params(max_tokens, logprobs, top_logprobs)
             sequences.append(scheduler.submit(ids, params, events, index))
     except BaseException:
         for sequence in sequences:
@@ -236,10 +237,20 @@ class _Reply:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
+    def _alternatives(self, sequence: Sequence, start: int, end: int) -> list[list[tuple[int, float]]]:
+        """The top_logprobs alternatives of tokens start..end ([] per token when none were asked for)."""
+        if not sequence.params.top_logprobs:
+            return [[] for _ in range(end - start)]
+        return sequence.top_logprobs[start:end]
+
+    def _token_logprob(self, token: int, logprob: float) -> dict:
+        return {"token": self._token_text(token), "logprob": logprob, "bytes": list(self._token_bytes(token))}
+
     def chat_logprobs(self, sequence: Sequence, start: int, end: int) -> dict:
-        content = [{"token": self._token_text(token), "logprob": logprob, "bytes": list(self._token_bytes(token)),
-                    "top_logprobs": []}
-                   for token, logprob in zip(sequence.token_ids[start:end], sequence.logprobs[start:end])]
+        content = [{**self._token_logprob(token, logprob),
+                    "top_logprobs": [self._token_logprob(*alternative) for alternative in alternatives]}
+                   for token, logprob, alternatives in zip(sequence.token_ids[start:end], sequence.logprobs[start:end],
+                                                           self._alternatives(sequence, start, end))]
         return {"content": content}
 
     def completion_logprobs(self, sequence: Sequence, start: int, end: int, offset: int) -> dict:
@@ -248,7 +259,11 @@ class _Reply:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": list(sequence.logprobs[start:end]), "top_logprobs": None,
+        top = None
+        if sequence.params.top_logprobs:   # the legacy format: one {token text: log-prob} dict per position
+            top = [{self._token_text(token): logprob for token, logprob in alternatives}
+                   for alternatives in self._alternatives(sequence, start, end)]
+        return {"tokens": tokens, "token_logprobs": list(sequence.logprobs[start:end]), "top_logprobs": top,
                 "text_offset": offsets}
 
     # ------------------------------------------------------------------ whole responses

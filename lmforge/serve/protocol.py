@@ -43,7 +43,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: bool) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         for name, low, high in (("temperature", 0.0, 2.0), ("presence_penalty", -2.0, 2.0),
                                 ("frequency_penalty", -2.0, 2.0)):
             value = getattr(self, name)
@@ -58,7 +58,7 @@ class SamplingFields(BaseModel):
             repetition_penalty=_default(self.repetition_penalty, 1.0),
             frequency_penalty=_default(self.frequency_penalty, 0.0),
             presence_penalty=_default(self.presence_penalty, 0.0), stop=stop, seed=self.seed, logprobs=logprobs,
-            ignore_eos=bool(self.ignore_eos),
+            top_logprobs=top_logprobs, ignore_eos=bool(self.ignore_eos),
         ).validate()
 
     @property
@@ -68,7 +68,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    logprobs: int | None = None      # OpenAI: how many top alternatives; we return the chosen tokens' only
+    logprobs: int | None = None      # OpenAI: the chosen tokens' log-probs plus this many top alternatives
     echo: bool | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -90,8 +90,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
 
     def check(self) -> None:
-        if self.top_logprobs:
-            raise UserError("top_logprobs is not supported; the server returns the chosen tokens' log-probs only")
+        if self.top_logprobs and not self.logprobs:
+            raise UserError("top_logprobs needs logprobs=true; send both")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
 
