@@ -175,6 +175,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
     ("/v1/chat/completions", {**CHAT, "temperature": 3.5}, "temperature=3.5 is out of range"),
     ("/v1/completions", {**COMPLETION, "seed": 2**64}, "seed must be an integer between"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "has role 'robot'"),
+    ("/v1/chat/completions", {**CHAT, "n": 17}, "n=17 is out of range"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body(served, path, body, message):
     response = post(served, path, body)
@@ -242,6 +243,31 @@ def test_a_non_streaming_client_that_disconnects_frees_its_slot(served, monkeypa
         time.sleep(0.02)
     assert engine.running == 0 and not engine.waiting
     assert engine.stats.cancelled == cancelled + 1
+
+
+def test_n_choices_per_prompt_with_seeds_and_usage(client, tiny, reference):
+    """n=3 gives three choices; with a seed, choice j samples with seed + j (reproducible, different)."""
+    _, tokenizer = tiny
+    messages = [{"role": "user", "content": "Hail"}]
+    prompt = render_chat(tokenizer, messages)
+    expected = [reference.generate([prompt], SamplingParams(max_new_tokens=8, temperature=1.0, seed=20 + j))[0]
+                for j in range(3)]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=1.0,
+                                              seed=20, n=3)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.message.content for c in response.choices] == [e.text for e in expected]
+    assert response.usage.prompt_tokens == len(tokenizer.encode(prompt))        # counted once
+    assert response.usage.completion_tokens == sum(e.completion_tokens for e in expected)
+
+    # Two prompts x n=2, streamed: choice index = prompt index * n + j.
+    chunks = list(client.completions.create(model=MODEL, prompt=["To be", "The king"], max_tokens=5,
+                                            temperature=0, n=2, stream=True))
+    texts = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    alone = [reference.generate([p], SamplingParams(max_new_tokens=5))[0].text for p in ("To be", "The king")]
+    assert texts == {0: alone[0], 1: alone[0], 2: alone[1], 3: alone[1]}
 
 
 def test_openai_message_variants_are_accepted(client, tiny, reference):

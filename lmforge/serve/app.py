@@ -76,7 +76,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         logprobs = body.logprobs is not None
         submitted = _submit(scheduler, body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs,
                             body.logprobs or 0)
-        reply = _Reply("cmpl", model_name, engine)
+        reply = _Reply("cmpl", model_name, engine, body.n or 1)
         if body.stream:
             return _sse(reply.stream_completion(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
@@ -89,7 +89,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         prompt = render_chat(engine.tokenizer, body.messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
         submitted = _submit(scheduler, [prompt], body, None, logprobs, body.top_logprobs or 0)
-        reply = _Reply("chatcmpl", model_name, engine)
+        reply = _Reply("chatcmpl", model_name, engine, body.n or 1)
         if body.stream:
             return _sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
@@ -136,7 +136,11 @@ def _check_model(requested: str, served: str) -> None:
 
 def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, default_max_tokens: int | None,
             logprobs: bool, top_logprobs: int) -> _Submitted:
-    """Validate max_tokens, then queue every prompt on one shared event queue (choice i = prompt i)."""
+    """Validate max_tokens, then queue `n` choices per prompt on one shared event queue.
+
+    Choice index = prompt index * n + j, as OpenAI orders them. With a seed, choice j samples with
+    seed + j, so the choices differ but each is reproducible.
+    """
     engine = scheduler.engine
     limit = engine.context_length
     if body.max_tokens is not None and not 1 <= body.max_tokens <= limit:
@@ -145,14 +149,17 @@ def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, def
     events: asyncio.Queue = asyncio.Queue()
     sequences: list[Sequence] = []
     try:
-        for index, prompt in enumerate(prompts):
+        for prompt in prompts:
             ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
             max_tokens = body.max_tokens or default_max_tokens
             if max_tokens is None:
                 # Chat default (OpenAI): whatever the context has left after the prompt.
                 max_tokens = limit - len(ids) if len(ids) < limit else 1
             params: SamplingParams = body.sampling_params(max_tokens, logprobs, top_logprobs)
-            sequences.append(scheduler.submit(ids, params, events, index))
+            for choice in range(body.n or 1):
+                if choice and params.seed is not None:
+                    params = dataclasses.replace(params, seed=params.seed + 1).validate()
+                sequences.append(scheduler.submit(ids, params, events, len(sequences)))
     except BaseException:
         for sequence in sequences:
             scheduler.cancel(sequence)
@@ -209,17 +216,18 @@ def _sse(chunks: AsyncIterator[dict], submitted: _Submitted, scheduler: Schedule
 class _Reply:
     """Builds the OpenAI response objects (whole or chunked) for one request."""
 
-    def __init__(self, id_prefix: str, model_name: str, engine: Engine) -> None:
+    def __init__(self, id_prefix: str, model_name: str, engine: Engine, choices_per_prompt: int = 1) -> None:
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
         self.model_name, self.engine = model_name, engine
+        self.choices_per_prompt = choices_per_prompt
         self.created = int(time.time())
 
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name, "choices": choices}
 
-    @staticmethod
-    def usage(sequences: list[Sequence]) -> dict:
-        prompt = sum(len(s.prompt_ids) for s in sequences)
+    def usage(self, sequences: list[Sequence]) -> dict:
+        # Each prompt counts once, however many choices (n) were sampled from it, as with OpenAI.
+        prompt = sum(len(s.prompt_ids) for s in sequences[::self.choices_per_prompt])
         completion = sum(s.completion_tokens for s in sequences)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import UserError
 from ..infer.sampling import SamplingParams
 
+MAX_CHOICES = 16   # n: choices per prompt, each decoded in its own KV-cache row
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
@@ -49,8 +50,8 @@ class SamplingFields(BaseModel):
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise UserError(f"{name}={value} is out of range; use a value between {low} and {high}")
-        if self.n not in (None, 1):
-            raise UserError(f"n={self.n} is not supported; request one choice per call (n=1)")
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            raise UserError(f"n={self.n} is out of range; ask for 1 to {MAX_CHOICES} choices")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=_default(self.temperature, 1.0), top_k=_default(self.top_k, 0),
