@@ -5,6 +5,7 @@ A crash or kill mid-write leaves the previous file intact (rename is atomic on P
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -29,14 +30,32 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read once. Linux shows it in /proc (a read that changes nothing); elsewhere
+    the only way is to set it and put it back, which is done once so threads rarely see the blip."""
+    # latin-1 decodes any byte (the process name on the first line may be anything).
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="latin-1") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write (by any library); on success rename it over `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        try:
+            # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask).
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield Path(tmp_name)
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -168,3 +168,16 @@ def test_val_choice_is_spread_deterministic_and_leaves_training_data():
         choose_val_documents(1, 0.05, "c")
     with pytest.raises(UserError, match=r"--val-fraction 1.0 is outside \(0, 1\)"):
         choose_val_documents(10, 1.0, "c")
+
+
+def test_parquet_dictionary_encoded_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = tmp_path / "category.parquet"
+    text = pa.array(["one", None, "two", "one"]).dictionary_encode()  # pandas' "category" dtype
+    pq.write_table(pa.table({"text": text, "n": pa.array([1, 2, 1, 1]).dictionary_encode()}), file)
+    assert pa.types.is_dictionary(pq.ParquetFile(file).schema_arrow.field("text").type)
+    assert texts(open_corpus(file)) == ["one", "two", "one"]
+    with pytest.raises(UserError, match=r"column 'n' .* not strings"):
+        texts(open_corpus(file, text_field="n"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmforge import cli
-from lmforge.assets import shakespeare_play_files
+from lmforge.assets import asset_available, shakespeare_play_files
 from lmforge.data import shards
 from lmforge.data.loaders import CausalLMLoader
 from lmforge.data.shards import check_shards, describe_shards, prepare_shards, read_meta, token_dtype
@@ -110,10 +110,10 @@ class FakeTokenizer:
     def __init__(self, real, vocab_size: int | None = None, bad_id_on: str | None = None) -> None:
         self.real, self.bad_id_on = real, bad_id_on
         self.vocab_size = real.vocab_size if vocab_size is None else vocab_size
-        self.special_tokens, self.eot_id = real.special_tokens, real.eot_id
+        self.special_tokens, self.eot_id, self.mask_id = real.special_tokens, real.eot_id, real.mask_id
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        ids = self.real.encode_batch(texts)
+    def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
+        ids = self.real.encode_batch(texts, allow_special)
         return [row + [self.vocab_size] if self.bad_id_on and self.bad_id_on in text else row
                 for text, row in zip(texts, ids)]
 
@@ -269,3 +269,83 @@ def test_shakespeare_holds_out_whole_plays(tokenizer_dir, tokenizer, tmp_path):
     val = read_split(tmp_path / "shakespeare", "val")
     assert int((val == tokenizer.eot_id).sum()) == 1  # two plays, one separator
     assert tokenizer.decode(val.tolist()) == EOT.join(plays[name] for name in meta.val_document_names)
+
+
+def test_special_token_text_inside_documents_stays_ordinary_text(tokenizer_dir, tokenizer, tmp_path):
+    docs = ["a <|endoftext|> b", "c <|im_start|> d", "plain", "<|mask|><|pad|>x<|im_end|>"]
+    corpus = tmp_path / "spec.jsonl"
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    out = tmp_path / "shards"
+    prepare_shards(corpus, tokenizer_dir, out, val_fraction=0.25, num_workers=1, progress=False)
+    train_docs, val_docs = split_documents(docs, shards.choose_val_documents(4, 0.25, "c"))
+    specials = set(tokenizer.special_tokens.values())
+    for split_docs, split in ((train_docs, "train"), (val_docs, "val")):
+        tokens = read_split(out, split).tolist()
+        expected: list[int] = []
+        for index, doc in enumerate(split_docs):
+            expected += ([tokenizer.eot_id] if index else []) + tokenizer.encode(doc, allow_special=False)
+        assert tokens == expected
+        # The only special ids are the separators prepare put between documents.
+        assert [index for index in tokens if index in specials] == [tokenizer.eot_id] * (len(split_docs) - 1)
+        assert tokenizer.decode(tokens) == EOT.join(split_docs)
+
+
+@pytest.mark.parametrize("pattern, special_tokens", [
+    (r"\S+\s*", ["<|endoftext|>"]),  # words keep their trailing space: "after a letter" cuts are not safe
+    ("gpt2", ["<|endoftext|>", "<|end of doc|>"]),  # a special token with a space in it
+], ids=["custom-pattern", "special-with-space"])
+def test_long_documents_are_cut_only_where_the_ids_stay_the_same(tmp_path, monkeypatch, pattern, special_tokens):
+    from lmforge.tokenizer import load_tokenizer, train_bpe_on_texts
+    from lmforge.tokenizer.pretokenize import resolve_pattern
+
+    openings = play_openings()
+    train_bpe_on_texts(openings, vocab_size=400, special_tokens=special_tokens,
+                       pattern=resolve_pattern(pattern)).save(tmp_path / "tok")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    # Three long documents, with special-token text inside them.
+    docs = [" <|end of doc|> ".join(openings[start:start + 3]) + " <|endoftext|> the end" for start in (0, 3, 5)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    monkeypatch.setattr(shards, "PIECE_CHARS", 200)  # every document is cut into many pieces where safe
+    prepare_shards(corpus, tmp_path / "tok", tmp_path / "out", val_fraction=0.3, num_workers=1, progress=False)
+    train_docs, val_docs = split_documents(docs, shards.choose_val_documents(3, 0.3, "c"))
+    for split_docs, split in ((train_docs, "train"), (val_docs, "val")):
+        expected: list[int] = []
+        for index, doc in enumerate(split_docs):
+            expected += ([tokenizer.eot_id] if index else []) + tokenizer.encode(doc, allow_special=False)
+        assert read_split(tmp_path / "out", split).tolist() == expected
+    # The built-in pattern still spreads a long document over pieces; the custom one is never cut.
+    pieces = list(shards._cut_pieces(docs[0], 200, shards._ordinary_pretokenizer(tokenizer)))
+    assert "".join(pieces) == docs[0]
+    assert len(pieces) == 1 if pattern != "gpt2" else len(pieces) > 10 and max(map(len, pieces)) <= 200
+
+
+def test_meta_records_the_tokenizers_mask_id(tokenizer_dir, tokenizer, corpus_dir, tmp_path):
+    out = tmp_path / "shards"
+    meta = prepare_shards(corpus_dir, tokenizer_dir, out, num_workers=1, progress=False)
+    on_disk = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert on_disk["mask_id"] == meta.mask_id == tokenizer.mask_id == tokenizer.special_tokens["<|mask|>"]
+    # meta.json files written before mask_id was recorded still work: "<|mask|>" is looked up.
+    del on_disk["mask_id"]
+    (out / "meta.json").write_text(json.dumps(on_disk), encoding="utf-8")
+    assert read_meta(out) == meta
+
+
+@pytest.mark.skipif(not asset_available("minilm"), reason="the MiniLM asset package is not installed")
+def test_shards_from_a_bert_tokenizer_feed_the_masked_lm_loader(tmp_path):
+    from lmforge.data.loaders import MaskedLMLoader
+    from lmforge.tokenizer import load_tokenizer
+
+    bert = load_tokenizer("minilm")
+    docs = [text[:600] for text in play_openings()[:4]] + ["a literal [MASK] and [SEP] in the text " * 5]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    out = tmp_path / "shards"
+    meta = prepare_shards(corpus, "minilm", out, val_fraction=0.2, num_workers=1, progress=False)
+    assert meta.mask_id == bert.mask_id == 103 and read_meta(out).mask_id == 103
+    loader = MaskedLMLoader(out, "train", batch_size=2, seq_len=16, seed=0)
+    assert loader.masking.mask_id == 103
+    assert (loader.next_batch()["input_ids"] == 103).any()
+    tokens = np.concatenate([read_split(out, "train"), read_split(out, "val")])
+    assert 103 not in tokens  # "[MASK]" written in a document is text, not the mask token
+    assert int((tokens == bert.eot_id).sum()) == len(docs) - 2  # only the separators

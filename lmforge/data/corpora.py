@@ -228,6 +228,8 @@ def _parquet_documents(file: Path, label: str, text_column: str) -> Iterator[Doc
         raise UserError(f"'{file}' has no column '{text_column}' (columns: {', '.join(schema.names)}); "
                         "pass --text-column NAME to choose the column with the text")
     column_type = schema.field(text_column).type
+    if pa.types.is_dictionary(column_type):  # category-encoded strings (pandas' "category" dtype) read as strings
+        column_type = column_type.value_type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise UserError(f"column '{text_column}' of '{file}' holds {column_type}, not strings; "
                         "pass --text-column NAME for the column holding the text")

@@ -53,14 +53,15 @@ class Masking:
             raise UserError(f"mask_prob {self.mask_prob} is outside (0, 1); BERT uses 0.15")
         if not 0 <= self.mask_id < self.vocab_size:
             raise UserError(f"mask token id {self.mask_id} is outside the vocabulary of {self.vocab_size}; "
-                            "use a tokenizer with a <|mask|> token")
+                            "pass the mask id of the shards' tokenizer (or leave it to the shards' meta.json)")
 
     @classmethod
     def from_meta(cls, meta: ShardMeta, mask_prob: float = 0.15) -> Masking:
         """The mask token, vocabulary and specials the shards were prepared with."""
         if meta.mask_id is None:
-            raise UserError("the shards' tokenizer has no <|mask|> token, which masked-LM training needs; "
-                            "retrain the tokenizer with the default special tokens")
+            raise UserError(f"the shards' tokenizer '{meta.tokenizer}' has no mask token, which masked-LM training "
+                            "needs; prepare the shards with a tokenizer that has one (e.g. trained with the default "
+                            "special tokens, which include <|mask|>)")
         return cls(meta.mask_id, meta.vocab_size, tuple(sorted(meta.special_tokens.values())), mask_prob)
 
     def apply(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

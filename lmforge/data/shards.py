@@ -26,26 +26,26 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import numpy as np
-import regex
 
 from ..errors import UserError
 from ..io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
 from .corpora import Corpus, open_corpus
 
+if TYPE_CHECKING:
+    from ..tokenizer.pretokenize import PreTokenizer
+
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 # Long documents are tokenized in pieces, so one huge file still spreads over the pool. Pieces end
-# after a letter that is followed by whitespace: no GPT-2 or GPT-4 style pretoken spans that point
-# (a letter run ends there and the next piece starts at the whitespace), so the cut changes no token.
+# only where the tokenizer's pre-tokenizer proves a cut changes no token (`_cut_pieces`).
 PIECE_CHARS = 1 << 18
-_SAFE_CUT = regex.compile(r"(?r)\p{L}(?=\s)")  # searched backwards: the last safe cut in a window
 # Characters per pool task: big enough to amortize inter-process transfer, small enough to balance.
 TASK_CHARS = 1 << 18
 # How many names of held-out documents meta.json lists (more would bloat it for record corpora).
@@ -87,15 +87,18 @@ class ShardMeta:
     created_at: str
     lmforge_version: str
     format_version: int = FORMAT_VERSION
+    # The tokenizer's mask token ("<|mask|>", BERT's "[MASK]", ...). meta.json files written before
+    # it was recorded lack it; for them (and when it is None) "<|mask|>" is looked up, as before.
+    mask_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_id is None:
+            self.mask_id = self.special_tokens.get("<|mask|>")
 
     def split(self, name: str) -> SplitStats:
         if name not in SPLITS:
             raise UserError(f"split '{name}' does not exist; use one of: {', '.join(SPLITS)}")
         return self.train if name == "train" else self.val
-
-    @property
-    def mask_id(self) -> int | None:
-        return self.special_tokens.get("<|mask|>")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +108,8 @@ class ShardMeta:
         if not isinstance(data, dict):
             raise UserError(f"'{where}' is not a JSON object; re-run `lmforge data prepare`")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names - set(data) if n != "format_version")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is MISSING)  # fields with defaults are optional
         if missing:
             raise UserError(f"'{where}' is missing {', '.join(missing)}; it was not written by this version of "
                             "lmforge -- re-run `lmforge data prepare`")
@@ -233,11 +237,15 @@ def _encode_in_worker(texts: list[str]) -> list[tuple[np.ndarray, int]]:
 
 
 def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-    """(token ids in the shard dtype, UTF-8 byte count) per text; ids outside the vocabulary are an error."""
+    """(token ids in the shard dtype, UTF-8 byte count) per text; ids outside the vocabulary are an error.
+
+    Documents are ordinary text: a literal "<|endoftext|>" in one is encoded as characters, never as
+    the control token, so the only special ids in a shard are the separators `prepare` inserts.
+    """
     vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     encoded = []
-    for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+    for text, ids in zip(texts, tokenizer.encode_batch(texts, allow_special=False)):
         array = np.asarray(ids, dtype=np.int64)
         if array.size and (array.min() < 0 or array.max() >= vocab_size):
             bad = int(array.max()) if array.max() >= vocab_size else int(array.min())
@@ -254,16 +262,30 @@ class _Piece:
     text: str
 
 
-def _cut_pieces(text: str, limit: int) -> Iterator[str]:
-    """Cut text into pieces of at most `limit` characters, at safe cuts where there are any."""
-    start = 0
-    while len(text) - start > limit:
-        # endpos is one past the window so the lookahead can see the whitespace after its last letter.
-        cut = _SAFE_CUT.search(text, start, start + limit + 1)
-        end = cut.end() if cut and cut.end() > start else start + limit
-        yield text[start:end]
-        start = end
-    yield text[start:]
+def _ordinary_pretokenizer(tokenizer: Any) -> PreTokenizer | None:
+    """The pre-tokenizer that decides where a document (encoded as ordinary text) may be cut, or
+    None for tokenizers whose pre-tokenization we cannot reason about (HF WordPiece, Unigram, ...)."""
+    from ..tokenizer import BPETokenizer, PreTokenizer
+
+    if isinstance(tokenizer, BPETokenizer):
+        # No special tokens: documents are encoded without them, so a cut before one is not safe.
+        return PreTokenizer(tokenizer.pattern, tokenizer.split_digits)
+    return None
+
+
+def _cut_pieces(text: str, limit: int, pretokenizer: PreTokenizer | None) -> Iterator[str]:
+    """Cut text into pieces of about `limit` characters whose ids, one piece at a time, are the ids
+    of the whole: only at `PreTokenizer.last_safe_cut` points, so text without them (any text under
+    a custom regex or without a pre-tokenizer, a long run without spaces) is never split."""
+    from ..tokenizer.pretokenize import split_at_safe_points
+
+    if pretokenizer is None or len(text) <= limit:
+        yield text
+        return
+    # Blocks of limit/2 regrouped at safe points give pieces under `limit` wherever cuts are dense.
+    half = max(limit // 2, 1)
+    blocks = (text[start:start + half] for start in range(0, len(text), half))
+    yield from split_at_safe_points(blocks, pretokenizer, half)
 
 
 def _tasks(pieces: Iterator[_Piece], task_chars: int) -> Iterator[list[_Piece]]:
@@ -378,6 +400,7 @@ def prepare_shards(corpus: str | os.PathLike | Corpus, tokenizer: str | os.PathL
         source=corpus.source, val_fraction=val_fraction, train=stats["train"], val=stats["val"],
         val_document_names=val_names if len(val_indices) <= MAX_LISTED_VAL_DOCUMENTS else None,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), lmforge_version=__version__,
+        mask_id=loaded.mask_id,
     )
     write_json_atomic(out / META_FILE, meta.to_json())
     return meta
@@ -393,12 +416,14 @@ def _write_splits(corpus: Corpus, val_indices: set[int], tokenizer: Any, tokeniz
     stats = {split: SplitStats(file=f"{split}.bin") for split in SPLITS}
     val_names: list[str] = []
 
+    cut_with = _ordinary_pretokenizer(tokenizer)
+
     def pieces() -> Iterator[_Piece]:
         for index, document in enumerate(corpus.documents()):
             split = "val" if index in val_indices else "train"
             if split == "val" and len(val_names) < MAX_LISTED_VAL_DOCUMENTS:
                 val_names.append(document.name)
-            for number, text in enumerate(_cut_pieces(document.text, PIECE_CHARS)):
+            for number, text in enumerate(_cut_pieces(document.text, PIECE_CHARS, cut_with)):
                 yield _Piece(split, number == 0, text)
 
     with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:

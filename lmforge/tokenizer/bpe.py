@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from itertools import chain, repeat
+from heapq import heapify, heappop, heappush
+from itertools import chain, pairwise, repeat
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -28,6 +29,7 @@ from .special_tokens import ENDOFTEXT, MASK, PAD, chat_template_for
 _REPLACEMENT = "\ufffd".encode("utf-8")  # what decode shows for an id it does not know
 _NO_MERGE = 1 << 62  # rank of a pair that has no merge
 _DEFAULT_CACHE_SIZE = 100_000  # segments; a full cache is cleared (bounded memory, simple)
+_SHORT_PIECE = 8  # bytes; longer pieces use the heap merge (measured crossover: 6-8 bytes)
 
 
 class BPETokenizer:
@@ -279,7 +281,8 @@ class BPETokenizer:
             self._cache[segment] = tuple(chain.from_iterable(map(ids_of.__getitem__, pieces)))
 
     def _bpe(self, piece: bytes) -> list[int]:
-        """Merge the bytes of one pre-token, always the adjacent pair of lowest rank first.
+        """Merge the bytes of one pre-token, always the adjacent pair of lowest rank first
+        (the leftmost one among pairs of that rank).
 
         Merging one occurrence at a time (the leftmost of the best rank) equals GPT-2's "merge all
         occurrences": a pair made later has a higher rank than the merge that made its token.
@@ -287,6 +290,10 @@ class BPETokenizer:
         ids = list(map(self._byte_ids.__getitem__, piece))
         if self._lacks_bytes and None in ids:
             ids = [index for index in ids if index is not None]
+        if len(ids) > _SHORT_PIECE:
+            return self._bpe_long(ids)
+        # Short pieces (nearly all of them): rescanning every pair after each merge is quadratic,
+        # but at this length its C-level loops beat the heap's Python bookkeeping.
         rank_of = self._rank_of.get
         while len(ids) > 1:
             ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(_NO_MERGE)))
@@ -296,3 +303,42 @@ class BPETokenizer:
             position = ranks.index(best)
             ids[position:position + 2] = [self._merged_id[best]]
         return ids
+
+    def _bpe_long(self, ids: list[int]) -> list[int]:
+        """`_bpe` in O(n log n) for long pieces (a 40K-letter run without spaces would take minutes).
+
+        Symbols form a doubly linked list over the positions of `ids` (a merged symbol keeps its
+        left position; the right one is marked dead with -1). A heap holds (rank, left position)
+        for candidate pairs, so popping gives the lowest rank and, among equal ranks, the leftmost
+        pair -- the same choice as the short loop. Entries go stale when a neighbour merges; they
+        are skipped by checking that the pair now at that position still has that rank.
+        """
+        rank_of = self._rank_of.get
+        merged_id = self._merged_id
+        size = len(ids)
+        following = list(range(1, size + 1))  # size marks the end
+        preceding = list(range(-1, size - 1))  # -1 marks the start
+        heap = [(rank, position) for position, rank in enumerate(map(rank_of, pairwise(ids)))
+                if rank is not None]
+        heapify(heap)
+        while heap:
+            rank, left = heappop(heap)
+            right = following[left]
+            # A dead left symbol holds -1, so its pair has no rank and it is skipped here too.
+            if right == size or rank_of((ids[left], ids[right])) != rank:
+                continue
+            ids[left] = merged_id[rank]
+            ids[right] = -1
+            after = following[right]
+            following[left] = after
+            if after != size:
+                preceding[after] = left
+                new_rank = rank_of((ids[left], ids[after]))
+                if new_rank is not None:
+                    heappush(heap, (new_rank, left))
+            before = preceding[left]
+            if before != -1:
+                new_rank = rank_of((ids[before], ids[left]))
+                if new_rank is not None:
+                    heappush(heap, (new_rank, before))
+        return [index for index in ids if index != -1]

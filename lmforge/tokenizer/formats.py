@@ -160,6 +160,28 @@ def tokenizer_from_parts(vocab_strings: Mapping[str, int], merges: Sequence[tupl
 def from_hf_json(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> BPETokenizer:
     """A BPETokenizer from a byte-level BPE `tokenizer.json`; NotByteLevelBPE for anything else."""
     data = read_json(path, "tokenizer file")
+    try:
+        vocab, merges, specials, pattern, split_digits = _parse_hf_document(data, path)
+    except (AttributeError, KeyError, TypeError) as error:
+        # Valid JSON of the wrong shape (a list, an added token without "content", ...).
+        raise _malformed(path, f"{type(error).__name__}: {error}") from None
+    return tokenizer_from_parts(vocab, merges, specials, pattern, split_digits, config, f"tokenizer file '{path}'")
+
+
+def _malformed(path: str | os.PathLike, detail: str) -> UserError:
+    return UserError(f"tokenizer file '{path}' is not a well-formed tokenizer.json ({detail}); "
+                     "re-export it, or retrain it with `lmforge tokenizer train`")
+
+
+def _parse_hf_document(data: Any, path: str | os.PathLike
+                       ) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int], str, bool]:
+    """(vocab, merges, special tokens, regex, split_digits) of a tokenizer.json document.
+
+    Raises NotByteLevelBPE for a tokenizer we do not reproduce; a document of the wrong shape
+    raises AttributeError, KeyError or TypeError, which the caller turns into one UserError.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"the document is a JSON {type(data).__name__}, not an object")
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise NotByteLevelBPE(f"its model is {model.get('type')!r}, not BPE")
@@ -174,14 +196,27 @@ def from_hf_json(path: str | os.PathLike, config: Mapping[str, Any] | None = Non
         raise NotByteLevelBPE("its decoder is not ByteLevel")
     pattern, split_digits = _parse_pre_tokenizer(data.get("pre_tokenizer"))
     added = data.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise TypeError("added_tokens is not a list")
     if any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word")):
         raise NotByteLevelBPE("an added token strips spaces or matches single words only")
     specials = {token["content"]: token["id"] for token in added}
+    vocab = dict(model.get("vocab", {}))
+    if not all(isinstance(text, str) and type(index) is int for text, index in [*vocab.items(), *specials.items()]):
+        raise TypeError("a vocabulary or added token is not a string with an integer id")
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model.get("merges", [])]
-    if any(len(merge) != 2 for merge in merges):
+    if any(len(merge) != 2 or not all(isinstance(part, str) for part in merge) for merge in merges):
         raise UserError(f"tokenizer file '{path}' has a malformed merge; each merge must be two tokens")
-    return tokenizer_from_parts(model.get("vocab", {}), merges, specials, pattern, split_digits, config,
-                                f"tokenizer file '{path}'")
+    return vocab, merges, specials, pattern, split_digits
+
+
+def read_tokenizer_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json as a dict (roles, chat template), with a clear error if it is not one."""
+    config = read_json(path, "tokenizer config")
+    if not isinstance(config, dict):
+        raise UserError(f"tokenizer config '{path}' is a JSON {type(config).__name__}, not an object; "
+                        "re-export it (or delete it to use lmforge's default roles)")
+    return config
 
 
 def load_hf_directory(directory: str | os.PathLike) -> BPETokenizer:
@@ -189,7 +224,7 @@ def load_hf_directory(directory: str | os.PathLike) -> BPETokenizer:
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"'{folder}' has no tokenizer.json; give a directory written by `lmforge tokenizer train`")
     config_path = folder / "tokenizer_config.json"
-    config = read_json(config_path, "tokenizer config") if config_path.is_file() else None
+    config = read_tokenizer_config(config_path) if config_path.is_file() else None
     return from_hf_json(folder / "tokenizer.json", config)
 
 

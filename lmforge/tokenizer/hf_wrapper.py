@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import UserError
-from ..io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from ..io import atomic_path, ensure_writable_dir, write_json_atomic
 
 
 class HFTokenizer:
@@ -32,6 +32,8 @@ class HFTokenizer:
     def from_directory(cls, directory: str | os.PathLike) -> "HFTokenizer":
         from tokenizers import Tokenizer
 
+        from .formats import read_tokenizer_config
+
         folder = Path(directory)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -41,7 +43,7 @@ class HFTokenizer:
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
             raise UserError(f"tokenizer file '{path}' could not be loaded by HF tokenizers ({error}); fix or re-export it") from None
         config_path = folder / "tokenizer_config.json"
-        config = read_json(config_path, "tokenizer config") if config_path.is_file() else {}
+        config = read_tokenizer_config(config_path) if config_path.is_file() else {}
         return cls(tokenizer, config)
 
     # --- roles ------------------------------------------------------------------------------

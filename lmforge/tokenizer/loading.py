@@ -59,4 +59,4 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if len(gguf_files) == 1:
         return BPETokenizer.from_gguf(gguf_files[0])
     raise UserError(f"'{location}' holds no tokenizer (no tokenizer.json, vocab.json + merges.txt or single "
-                    ".gguf); train one with `lmforge tokenizer train --out {location}`")
+                    f".gguf); train one with `lmforge tokenizer train --out {location}`")

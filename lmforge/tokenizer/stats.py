@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import UserError
 from .loading import Tokenizer
 
 
@@ -31,9 +32,13 @@ def measure(tokenizer: Tokenizer, files: Sequence[Path], name: str) -> Tokenizer
     num_bytes = num_tokens = 0
     seen: set[int] = set()
     for path in files:
-        with open(path, encoding="utf-8", newline="") as handle:
-            for index in tokenizer.encode_iterable(handle):
-                num_tokens += 1
-                seen.add(index)
+        try:
+            with open(path, encoding="utf-8", newline="") as handle:
+                for index in tokenizer.encode_iterable(handle):
+                    num_tokens += 1
+                    seen.add(index)
+        except UnicodeDecodeError as error:  # the same sentence as `tokenizer train` gives
+            raise UserError(f"input file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}); "
+                            "convert it to UTF-8 first") from None
         num_bytes += path.stat().st_size  # the file's bytes are the UTF-8 bytes of its text
     return TokenizerStats(name, tokenizer.vocab_size, num_bytes, num_tokens, len(seen))
