@@ -15,8 +15,9 @@ from typing import IO, Any, Iterator
 from .errors import UserError
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (and parents) and check we can write there, with a clear error if not."""
+def ensure_writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create `path` (and parents) and check we can write there, with a clear error that names the
+    setting (`option`) the user chose it with if not."""
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -25,7 +26,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as error:
         raise UserError(
             f"cannot write to output directory '{directory}' ({error.strerror or error}); "
-            "choose a writable path with --out or fix its permissions"
+            f"choose a writable path with {option} or fix its permissions"
         ) from None
     return directory
 

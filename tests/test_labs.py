@@ -140,3 +140,10 @@ def test_token_labels_are_printable():
 
     assert token_label(Fake(), 1) == "·a\\n"
     assert token_label(Fake(), 2) == "\\x00"
+
+
+def test_draw_attention_grid_into_an_unwritable_place_is_a_user_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="cannot write to output directory"):
+        draw_attention_grid(torch.rand(2, 3, 3).softmax(-1), ["a", "b", "c"], blocker / "attn.png", "t")

@@ -81,3 +81,32 @@ def test_help_ends_with_an_example(command, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(command[1:] + ["--help"])
     assert "example:\n  lmforge " + command[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("--context", "-5"), ("--context", "0"), ("--batch-size", "0")])
+def test_model_info_refuses_sizes_below_one(option, value, capsys):
+    assert main(["model", "info", "nano", option, value]) == 2
+    error = capsys.readouterr().err
+    assert f"{option} must be at least 1, not {value}" in error and "leave it out" in error
+
+
+def test_model_info_without_context_uses_the_models_own(capsys):
+    assert main(["model", "info", "nano"]) == 0
+    max_seq_len = get_preset("nano").max_seq_len
+    assert f"@ {max_seq_len}" in capsys.readouterr().out
+
+
+def test_convert_to_an_unwritable_place_names_the_to_option(saved, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["convert", str(saved / "model"), "--to", str(blocker / "out"), "--format", "hf"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot write to output directory" in error and "with --to" in error and "--out" not in error
+
+
+def test_inspect_attention_to_an_unwritable_place_is_a_user_error(saved, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["inspect", "attention", "--model", str(saved / "model"), "--text", "the cat",
+                 "--out", str(blocker / "attn.png")]) == 2
+    assert "cannot write to output directory" in capsys.readouterr().err

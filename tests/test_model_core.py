@@ -233,6 +233,27 @@ def test_bad_configs_are_clear_errors(bad):
         GPT(tiny(**bad))
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_heads=0), "must be positive"),            # used to be a ZeroDivisionError in validate()
+    (dict(n_kv_heads=0), "n_kv_heads must be at least 1"),
+    (dict(head_dim=0), "head_dim must be at least 1"),
+    (dict(d_ff=0), "d_ff must be at least 1"),
+    (dict(sliding_window=0), "sliding_window must be at least 1"),
+    (dict(sliding_window=-4), "sliding_window must be at least 1"),
+    (dict(norm_eps=0.0), "norm_eps must be positive"),
+    (dict(init_std=-0.1), "init_std must be zero or positive"),
+])
+def test_degenerate_sizes_are_named_errors(bad, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**{**tiny().to_dict(), **bad}).validate()
+
+
+def test_unset_optional_sizes_keep_their_defaults():
+    config = ModelConfig(**{**tiny().to_dict(), "head_dim": None, "d_ff": None, "sliding_window": None}).validate()
+    assert config.head_dim == config.d_model // config.n_heads and config.d_ff > 0
+    assert ModelConfig(**{**tiny().to_dict(), "init_std": 0.0}).validate().init_std == 0.0
+
+
 def test_unknown_preset_suggests_a_name():
     with pytest.raises(UserError, match="did you mean 'gpt2-124m'"):
         get_preset("gpt2-124")

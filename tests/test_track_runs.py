@@ -117,3 +117,14 @@ def test_plot_errors_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="use one of these suffixes"):
         plot_runs([tmp_path / "a"], tmp_path / "fig.xyz")
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_plot_to_an_unwritable_place_is_a_user_error(tmp_path, capsys):
+    make_run(tmp_path, "a")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert cli.main(["runs", "plot", "a", "--root", str(tmp_path), "--out", str(blocker / "fig.png")]) == 2
+    assert "cannot write to output directory" in capsys.readouterr().err
+    # A folder that does not exist yet is made, as `pretrain out_dir=` does.
+    assert cli.main(["runs", "plot", "a", "--root", str(tmp_path), "--out", str(tmp_path / "new" / "fig.png")]) == 0
+    assert (tmp_path / "new" / "fig.png").read_bytes()[:8] == PNG_HEADER

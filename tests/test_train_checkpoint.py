@@ -94,3 +94,41 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run_exactly(tmp_path):
         assert (row["loss"], row["grad_norm"], row["lr"]) == expected[row["step"]]      # bit-exact
     for name, tensor in ckpt.load_tensors(tmp_path / "a" / "model.safetensors").items():
         assert torch.equal(tensor, ckpt.load_tensors(tmp_path / "b" / "model.safetensors")[name]), name
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: b"junk\n",                  # the unpickler fails with a raw KeyError (bad memo index)
+    lambda data: data[: len(data) // 2],     # a truncated copy
+])
+def test_a_corrupt_trainer_state_names_the_file_and_the_way_back(tmp_path, damage):
+    from lmforge.errors import UserError
+
+    _trainer(tmp_path, max_steps=4).fit()
+    state_file = tmp_path / "checkpoints" / "step-000004" / "trainer_state.pt"
+    state_file.write_bytes(damage(state_file.read_bytes()))
+    with pytest.raises(UserError, match=r"trainer_state\.pt' is corrupt.*delete the directory .*step-000004"):
+        ckpt.load_trainer_state(state_file.parent)
+    # The previous checkpoint is untouched and still resumes.
+    assert ckpt.load_trainer_state(tmp_path / "checkpoints" / "step-000002")["step"] == 2
+
+
+def test_trainer_state_still_loads_with_weights_only(tmp_path):
+    from pathlib import PurePosixPath
+
+    from lmforge.errors import UserError
+
+    (tmp_path / "step-000001").mkdir()
+    # Arbitrary objects are refused by the weights-only unpickler (and so become a UserError).
+    torch.save({"step": 1, "evil": PurePosixPath("/x")}, tmp_path / "step-000001" / "trainer_state.pt")
+    with pytest.raises(UserError, match="is corrupt"):
+        ckpt.load_trainer_state(tmp_path / "step-000001")
+
+
+def test_resuming_from_corrupt_weights_is_a_user_error(tmp_path):
+    from lmforge.errors import UserError
+
+    _trainer(tmp_path, max_steps=2).fit()
+    checkpoint = tmp_path / "checkpoints" / "step-000002"
+    (checkpoint / "model.safetensors").write_bytes(b"garbage\n")
+    with pytest.raises(UserError, match=r"model\.safetensors' is corrupt.*delete the directory"):
+        _trainer(tmp_path, max_steps=4).fit(resume_from=checkpoint)

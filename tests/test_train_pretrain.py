@@ -168,3 +168,30 @@ def test_existing_run_needs_resume(shards, tmp_path):
     # Resuming a finished run with a higher step limit continues it.
     result = pretrain(load_pretrain_config("shakespeare-gpt", args + ["max_steps=3"]), resume=True)
     assert result.step == 3
+
+
+@pytest.mark.parametrize("bad", [dict(precision="fp16", device="cpu"), dict(data="nope"), dict(tokenizer="nope")])
+def test_failed_validation_leaves_no_run_directory(shards, tmp_path, capsys, bad):
+    code = cli.main(["pretrain", "--config", "shakespeare-gpt", *_tiny(shards, tmp_path, "bad", **bad)])
+    assert code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()      # `lmforge runs list` would show it
+
+
+def test_a_setup_failure_removes_only_a_run_directory_it_created(shards, tmp_path, monkeypatch):
+    import lmforge.track
+
+    def broken_tracker(*args, **kwargs):
+        raise UserError("the tracker cannot start")
+
+    monkeypatch.setattr(lmforge.track, "Tracker", broken_tracker)
+    args = _tiny(shards, tmp_path, "new", max_steps=1, sample_tokens=0)
+    with pytest.raises(UserError, match="tracker cannot start"):
+        pretrain(load_pretrain_config("shakespeare-gpt", args))
+    assert not (tmp_path / "new").exists()       # config.yaml and tokenizer/ were written, then removed
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="tracker cannot start"):
+        pretrain(load_pretrain_config("shakespeare-gpt", _tiny(shards, tmp_path, "existing", max_steps=1)))
+    assert (existing / "notes.txt").read_text() == "keep me"

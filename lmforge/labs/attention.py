@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import atomic_path
+from ..io import atomic_path, ensure_writable_dir
 from ..model.attention import Attention
 
 
@@ -113,6 +113,7 @@ def draw_attention_grid(probs: torch.Tensor, labels: list[str], out: str | os.Pa
     if image is not None:
         figure.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
     out = Path(out)
+    ensure_writable_dir(out.parent)   # a missing/unwritable folder is a UserError, not a traceback
     with atomic_path(out) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     return out

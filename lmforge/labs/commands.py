@@ -56,11 +56,15 @@ def _console():
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.table import Table
 
+    from ..io import ensure_writable_dir
     from .attention import capture_attention, draw_attention_grid, pick_layer, summarize_heads
     from .common import encode_for_model, model_inputs, token_label
 
+    ensure_writable_dir(Path(args.out).parent)    # before loading a model that may take a while
     model, tokenizer = _load(args)
     layer = pick_layer(model.config.n_layers, args.layer)
     ids = encode_for_model(model, tokenizer, args.text)

@@ -16,6 +16,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     info.set_defaults(func=run_info)
 
 
+def _check_positive(option: str, value: int | None, fallback: str) -> None:
+    """Sizes below 1 would print negative or zero memory and FLOPs; None means "not given"."""
+    if value is not None and value < 1:
+        from ..errors import UserError
+
+        raise UserError(f"{option} must be at least 1, not {value}; give a positive number {fallback}")
+
+
 def run_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -23,8 +31,10 @@ def run_info(args: argparse.Namespace) -> int:
     from .info import activation_bytes, count_parameters, describe, flops_per_token, kv_cache_bytes
     from .loading import resolve_config
 
+    _check_positive("--context", args.context, "or leave it out for the model's own context length")
+    _check_positive("--batch-size", args.batch_size, "or leave it out for batch 1")
     config = resolve_config(args.ref)
-    context = args.context or config.max_seq_len
+    context = args.context if args.context is not None else config.max_seq_len   # 0 is refused, not "default"
     counts = count_parameters(config)
     console = Console()
     console.print(f"[bold]{args.ref}[/bold]")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UserError
 
@@ -70,25 +70,38 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
 
     def validate(self) -> "ModelConfig":
-        checks = [
-            (self.arch in ARCHS, f"model.arch must be one of {ARCHS}, not '{self.arch}'"),
-            (self.position in POSITIONS, f"model.position must be one of {POSITIONS}, not '{self.position}'"),
-            (self.norm in NORMS, f"model.norm must be one of {NORMS}, not '{self.norm}'"),
-            (self.mlp in MLPS, f"model.mlp must be one of {MLPS}, not '{self.mlp}'"),
-            (self.norm_position in ("pre", "post"), "model.norm_position must be 'pre' or 'post'"),
-            (min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.max_seq_len) > 0,
+        # Checks are lazy and ordered: sizes are proven positive before any of them is used as a
+        # divisor (n_heads=0 used to raise ZeroDivisionError instead of a UserError).
+        checks: list[tuple[Callable[[], bool], str]] = [
+            (lambda: self.arch in ARCHS, f"model.arch must be one of {ARCHS}, not '{self.arch}'"),
+            (lambda: self.position in POSITIONS, f"model.position must be one of {POSITIONS}, not '{self.position}'"),
+            (lambda: self.norm in NORMS, f"model.norm must be one of {NORMS}, not '{self.norm}'"),
+            (lambda: self.mlp in MLPS, f"model.mlp must be one of {MLPS}, not '{self.mlp}'"),
+            (lambda: self.norm_position in ("pre", "post"), "model.norm_position must be 'pre' or 'post'"),
+            (lambda: min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.max_seq_len) > 0,
              "model sizes (vocab_size, d_model, n_layers, n_heads, max_seq_len) must be positive"),
-            (self.d_model % self.n_heads == 0 or self.head_dim != self.d_model // self.n_heads,
+            (lambda: self.n_kv_heads >= 1,
+             f"model.n_kv_heads must be at least 1, not {self.n_kv_heads}; leave it unset to use n_heads"),
+            # None means "derive a default" (head_dim, d_ff) or "off" (sliding_window); 0 is never valid.
+            (lambda: self.head_dim is None or self.head_dim >= 1,
+             f"model.head_dim must be at least 1, not {self.head_dim}; leave it unset for d_model // n_heads"),
+            (lambda: self.d_ff is None or self.d_ff >= 1,
+             f"model.d_ff must be at least 1, not {self.d_ff}; leave it unset for the default width"),
+            (lambda: self.sliding_window is None or self.sliding_window >= 1,
+             f"model.sliding_window must be at least 1, not {self.sliding_window}; leave it unset for full attention"),
+            (lambda: self.norm_eps > 0, f"model.norm_eps must be positive, not {self.norm_eps}"),
+            (lambda: self.init_std >= 0, f"model.init_std must be zero or positive, not {self.init_std}"),
+            (lambda: self.d_model % self.n_heads == 0 or self.head_dim != self.d_model // self.n_heads,
              f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), or set head_dim"),
-            (self.n_heads % self.n_kv_heads == 0,
+            (lambda: self.n_heads % self.n_kv_heads == 0,
              f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"),
-            (self.position != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim"),
-            (self.n_experts == 0 or 0 < self.experts_top_k <= self.n_experts,
+            (lambda: self.position != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head_dim"),
+            (lambda: self.n_experts == 0 or 0 < self.experts_top_k <= self.n_experts,
              "model.experts_top_k must be between 1 and model.n_experts"),
-            (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
+            (lambda: 0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
         ]
         for ok, message in checks:
-            if not ok:
+            if not ok():
                 raise UserError(message)
         return self
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 
 EXAMPLE = "lmforge convert smollm2-135m-instruct --to artifacts/smollm2-hf --format hf"
 
@@ -24,9 +25,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .info import count_parameters
+    from ..io import ensure_writable_dir
     from .loading import export, load, locate
 
     source = locate(args.ref)
+    ensure_writable_dir(Path(args.to).parent, option="--to")   # before loading a model that may take a while
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         model, tokenizer = load(args.ref, dtype=args.dtype, tokenizer=args.tokenizer)

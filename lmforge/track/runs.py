@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from ..io import atomic_path
+from ..io import atomic_path, ensure_writable_dir
 from .tracker import METRICS_FILE, read_jsonl
 
 # Any of these in a run directory means the run completed (the trainer writes the final
@@ -262,6 +262,7 @@ def save_figure(figure, out_path: str | os.PathLike) -> Path:
     if fmt not in supported:
         raise UserError(f"cannot write a figure to '{out}'; use one of these suffixes: "
                         f"{', '.join('.' + kind for kind in sorted(supported))}")
+    ensure_writable_dir(out.parent)   # a missing/unwritable folder is a UserError, not a traceback
     with atomic_path(out) as tmp:
         figure.savefig(tmp, format=fmt, dpi=120)
     return out

@@ -118,17 +118,41 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _corrupt(path: Path, error: BaseException | str) -> UserError:
+    """The one message for an unreadable checkpoint file: name it, and say how to fall back."""
+    return UserError(f"checkpoint file '{path}' is corrupt or incomplete ({error}); delete the directory "
+                     f"'{path.parent}' to resume from an earlier checkpoint")
+
+
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    import pickle
+
     path = Path(checkpoint) / "trainer_state.pt"
     if not path.is_file():
         raise UserError(f"checkpoint '{checkpoint}' has no trainer_state.pt; resume from a complete checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only=True: the file holds tensors and plain containers only, never code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError,
+            AttributeError, TypeError) as error:
+        # A damaged pickle fails inside the unpickler with whatever error its bytes happen to
+        # trigger (a KeyError for a bad memo index, EOFError for a truncation, ...).
+        raise _corrupt(path, f"{type(error).__name__}: {error}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise _corrupt(path, "it does not hold a trainer state")
+    return state
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
         raise UserError(f"'{path}' does not exist; the checkpoint is incomplete")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _corrupt(path, error) from None
 
 
 def read_best(run_dir: str | os.PathLike) -> dict[str, Any] | None:

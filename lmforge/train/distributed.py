@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..device import pick_device
-from ..errors import UserError
 
 
 @dataclass

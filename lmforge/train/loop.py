@@ -75,6 +75,15 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)   # every logged row
 
 
+def check_precision(config: TrainConfig, context: DistributedContext) -> None:
+    """Refuse a resolved precision this device cannot train in (callable before anything is written)."""
+    if config.precision == "fp16" and context.device.type != "cuda":
+        raise UserError("precision=fp16 needs a GPU (its GradScaler is CUDA-only); use precision=bf16 on CPU")
+    if config.precision == "fp16" and context.is_distributed and config.distributed == "fsdp":
+        # GradScaler would decide to skip a step from each process's own gradient shard.
+        raise UserError("precision=fp16 is not supported with distributed=fsdp; use precision=bf16")
+
+
 class Trainer:
     """Trains `model` on batches from `batches` to minimise `objective`.
 
@@ -114,11 +123,7 @@ class Trainer:
         if model_config is None and hasattr(getattr(model, "config", None), "to_dict"):
             model_config = {"format": "lmforge", **model.config.to_dict()}   # what lmforge.load reads
         self.model_config = model_config
-        if config.precision == "fp16" and self.device.type != "cuda":
-            raise UserError("precision=fp16 needs a GPU (its GradScaler is CUDA-only); use precision=bf16 on CPU")
-        if config.precision == "fp16" and self.context.is_distributed and config.distributed == "fsdp":
-            # GradScaler would decide to skip a step from each process's own gradient shard.
-            raise UserError("precision=fp16 is not supported with distributed=fsdp; use precision=bf16")
+        check_precision(config, self.context)
 
         # raw: the module whose parameters are trained (sharded in place by FSDP);
         # inner: raw, compiled if asked; model: inner under DDP, what the objective calls.

@@ -16,6 +16,7 @@ hands them to the one Trainer. The run directory holds:
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..io import ensure_writable_dir
 from . import checkpoint as ckpt
 from .config import PretrainConfig
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
-from .loop import RunResult, Trainer
+from .loop import RunResult, Trainer, check_precision
 from .throughput import resolve_precision
 
 
@@ -49,16 +50,22 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
     config.validate()
     context = init_distributed(config.device)
     tracker = progress = None
+    run_dir = config.run_dir
+    created_run_dir = False      # True once this invocation made run_dir (it then owns it)
+    training = False             # setup is over: from here on the run's files are kept
+    remove_run_dir = False
     try:
-        run_dir = config.run_dir
-        if context.is_main:          # only rank 0 writes
-            _check_writable(run_dir)
+        # Everything that needs no run directory is checked first, so bad input writes nothing.
         meta = read_meta(config.data)
         tokenizer = _load_tokenizer(config, meta)
         # The vocabulary is the tokenizer's, whatever the preset says.
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=meta.vocab_size),
                                      precision=resolve_precision(config.precision, context.device))
         config.validate()
+        check_precision(config, context)
+        if context.is_main:          # only rank 0 writes
+            created_run_dir = not run_dir.exists()
+            ensure_writable_dir(run_dir, option="out_dir=PATH (or name=NAME)")
         resume_from = _checkpoint_to_resume(run_dir, resume, context)
 
         torch.manual_seed(config.seed)        # the same initial weights in every process
@@ -105,24 +112,25 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
                           config_dict=config_dict)
         if context.is_main:
             _print_plan(config, context, count_parameters(config.model).total, resume_from)
+        training = True
         result = trainer.fit(resume_from=resume_from)
         progress.close()
         if context.is_main:
             _print_result(result)
         return result
+    except BaseException:
+        # A setup failure must not leave a half-made run behind for `lmforge runs list` to show;
+        # only a directory this call created is removed, never an existing run's files.
+        remove_run_dir = created_run_dir and not training
+        raise
     finally:
         if progress is not None:
             progress.close()
         if tracker is not None:
             tracker.close()
         shutdown_distributed(context)
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        ensure_writable_dir(run_dir)
-    except UserError as error:
-        raise UserError(f"{error}".replace("with --out", "with out_dir=PATH (or name=NAME)")) from None
+        if remove_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _load_tokenizer(config: PretrainConfig, meta: Any) -> Any:
