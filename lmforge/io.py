@@ -45,6 +45,21 @@ def _umask() -> int:
     return mask
 
 
+def apply_default_modes(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a directory, everything under it) the modes open() and mkdir() would:
+    0666 / 0777 less the umask. mkstemp, mkdtemp and safetensors create owner-only files, which
+    other users (or a container's non-root user reading a mounted run) could not read."""
+    file_mode, dir_mode = 0o666 & ~_umask(), 0o777 & ~_umask()
+    root = Path(path)
+    if not root.is_dir():
+        os.chmod(root, file_mode)
+        return
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, dir_mode)
+        for name in files:
+            os.chmod(os.path.join(directory, name), file_mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write (by any library); on success rename it over `path`."""
@@ -52,12 +67,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        try:
-            # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask).
-            os.fchmod(fd, 0o666 & ~_umask())
-        finally:
-            os.close(fd)
+        os.close(fd)
         yield Path(tmp_name)
+        apply_default_modes(tmp_name)   # after writing: a library may have replaced the file
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)

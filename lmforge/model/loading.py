@@ -49,7 +49,7 @@ from torch import nn
 
 from .. import assets
 from ..errors import UserError
-from ..io import ensure_writable_dir, read_json, write_json_atomic
+from ..io import apply_default_modes, ensure_writable_dir, read_json, write_json_atomic
 from .config import ModelConfig
 from .presets import PRESETS, get_preset
 
@@ -328,6 +328,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield temporary
+        apply_default_modes(temporary)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)

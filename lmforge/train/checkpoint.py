@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..io import apply_default_modes, atomic_path, read_json, write_json_atomic, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.json"
@@ -101,6 +101,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
         for file in temp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        apply_default_modes(temp)
         _fsync_dir(temp)
         os.rename(temp, final)
         _fsync_dir(directory)
