@@ -103,6 +103,12 @@ def build_command_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"lmforge {name}", description=command.summary,
                                      formatter_class=HelpFormatter)
     module.configure(parser)
+    if parser.epilog is None:
+        # A command with actions (`lmforge tokenizer`): its help ends with each action's example.
+        examples = [sub.epilog.removeprefix("example:\n") for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction)
+                    for sub in action.choices.values() if sub.epilog]
+        parser.epilog = "examples:\n" + "\n".join(examples) if examples else None
     return parser
 
 

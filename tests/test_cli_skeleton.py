@@ -34,6 +34,9 @@ def test_every_registered_command_has_help_with_example():
         if subactions:
             for sub_name, sub in subactions[0].choices.items():
                 assert "example:" in sub.format_help(), f"lmforge {name} {sub_name} --help has no example"
+                # The group's own help ends with every action's example.
+                example = sub.epilog.removeprefix("example:\n").strip().splitlines()[0]
+                assert example in text.split("examples:\n", 1)[-1], f"lmforge {name} --help lacks {example!r}"
         else:
             assert "example:" in text, f"lmforge {name} --help has no example"
 

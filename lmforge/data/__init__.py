@@ -1,7 +1,7 @@
 """lmforge.data: corpora -> token shards (train.bin / val.bin / meta.json) -> CLM and MLM batches.
 
     from lmforge.data import prepare_shards, CausalLMLoader
-    prepare_shards("shakespeare", "runs/tokenizer", "data/shakespeare")
+    prepare_shards("shakespeare", "artifacts/tokenizer", "data/shakespeare")
     batch = CausalLMLoader("data/shakespeare", "train", batch_size=8, seq_len=128, seed=0).next_batch()
 
 Names are imported on first use, so importing the package (e.g. for the CLI) does not load torch.

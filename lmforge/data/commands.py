@@ -13,7 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     prepare = add_subparser(
         subparsers, "prepare",
         "tokenize a corpus into DIR/train.bin, DIR/val.bin and DIR/meta.json (whole documents held out for val)",
-        "lmforge data prepare --corpus shakespeare --tokenizer runs/tokenizer --out data/shakespeare")
+        "lmforge data prepare --corpus shakespeare --tokenizer artifacts/tokenizer --out data/shakespeare")
     prepare.add_argument("--corpus", required=True,
                          help="'shakespeare' (built in), a .txt/.jsonl/.parquet file, a directory of them, "
                               "a `datasets` save_to_disk directory, or a dataset name in the local HF cache")

@@ -1,6 +1,6 @@
 """Token shards: a corpus -> DIR/train.bin, DIR/val.bin and DIR/meta.json.
 
-    meta = prepare_shards("shakespeare", "runs/tokenizer", "data/shakespeare")
+    meta = prepare_shards("shakespeare", "artifacts/tokenizer", "data/shakespeare")
     print(describe_shards("data/shakespeare"))
 
 Each .bin file is a flat array of token ids (uint16 when the vocabulary has fewer than 65,536

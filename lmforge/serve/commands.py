@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="model id clients send; none = the REF's name")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV-cache rows)")
     parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="context length to serve, and the max_tokens limit; none = the model's")
+                        help="context length to serve, and the max_tokens limit; none = min(the model's, 2048)")
     parser.set_defaults(func=run)
 
 
