@@ -11,6 +11,7 @@ vocabulary size and checked by fingerprint), so a second run spends its time tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -64,7 +65,9 @@ def speedrun(config: SpeedrunConfig) -> SpeedrunResult:
 
     config.validate()
     started = time.perf_counter()
-    name = config.name or f"speedrun-{config.objective}-{config.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The masked LM has one recipe, the original BERT's; "modern" would misname it.
+    recipe = config.recipe if config.objective == "clm" else "bert"
+    name = config.name or f"speedrun-{config.objective}-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     artifacts = Path(config.artifacts)
     _say(f"[1/4] tokenizer: byte-level BPE, vocabulary {config.vocab_size}, on Shakespeare")
     tokenizer_dir, tokenizer_seconds = _tokenizer(artifacts / f"tokenizer-{config.vocab_size}", config.vocab_size)
@@ -76,7 +79,7 @@ def speedrun(config: SpeedrunConfig) -> SpeedrunResult:
         f"data={data_dir}", f"name={name}", f"out_dir={config.out_dir}", f"max_minutes={config.minutes}",
         "max_steps=none", *config.overrides])
     _say(f"[3/4] pretrain: {config.minutes:g} minutes of {'GPT' if config.objective == 'clm' else 'BERT'} "
-         f"training ({config.recipe} recipe)")
+         f"training ({recipe} recipe)")
     result = pretrain(pretrain_config)
 
     _say("[4/4] evaluate, sample and report")
@@ -89,7 +92,9 @@ def speedrun(config: SpeedrunConfig) -> SpeedrunResult:
     figures: dict[str, Any] = {
         "name": name, "objective": config.objective,
         "recipe": config.recipe if config.objective == "clm" else "original BERT (post-norm, learned positions, GELU)",
-        "preset": pretrain_config.preset, "parameters": count_parameters(pretrain_config.model).total,
+        # The model as trained: its vocabulary is the tokenizer's, not the recipe's placeholder.
+        "preset": pretrain_config.preset, "parameters": count_parameters(dataclasses.replace(
+            pretrain_config.model, vocab_size=resolved["model"]["vocab_size"])).total,
         "budget_minutes": config.minutes, "train_seconds": round(_last(train_rows, "elapsed_s") or 0.0, 1),
         "steps": result.step, "tokens_seen": result.tokens, "stop_reason": result.stop_reason,
         "precision": resolved.get("precision", pretrain_config.precision),
