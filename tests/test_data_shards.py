@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmforge import cli
-from lmforge.assets import asset_available, shakespeare_play_files
+from lmforge.assets import shakespeare_play_files
 from lmforge.data import shards
 from lmforge.data.loaders import CausalLMLoader
 from lmforge.data.shards import check_shards, describe_shards, prepare_shards, read_meta, token_dtype
@@ -331,7 +331,6 @@ def test_meta_records_the_tokenizers_mask_id(tokenizer_dir, tokenizer, corpus_di
     assert read_meta(out) == meta
 
 
-@pytest.mark.skipif(not asset_available("minilm"), reason="the MiniLM asset package is not installed")
 def test_shards_from_a_bert_tokenizer_feed_the_masked_lm_loader(tmp_path):
     from lmforge.data.loaders import MaskedLMLoader
     from lmforge.tokenizer import load_tokenizer

