@@ -17,6 +17,7 @@ class ContextLengthError(UserError):
 
     code = "context_length_exceeded"   # OpenAI's error code for the same case
 
-    def __init__(self, message: str, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    def __init__(self, message: str, prompt_tokens: int | None = None, max_new_tokens: int | None = None,
+                 context_length: int | None = None) -> None:
         super().__init__(message)
         self.prompt_tokens, self.max_new_tokens, self.context_length = prompt_tokens, max_new_tokens, context_length

@@ -86,8 +86,10 @@ def fit_chat(tokenizer: Any, context_length: int, messages: list[dict], max_new_
     budget = context_length - max_new_tokens
     while True:
         prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+        if len(tokenizer.encode(prompt)) <= budget:
+            return messages, prompt
         shorter = drop_oldest_exchange(messages)
-        if shorter is None or len(tokenizer.encode(prompt)) <= budget:
+        if shorter is None:
             return messages, prompt
         messages = shorter
 

@@ -225,7 +225,7 @@ class RemoteBackend(ChatBackend):
         detail = _error_text(body)
         message = f"the server at {self.base_url} answered {response.status_code}: {detail}"
         if _error_code(body) == ContextLengthError.code:
-            raise ContextLengthError(message, 0, 0, self.context_length or 0)
+            raise ContextLengthError(message)   # the server's own counts are in its message
         hint = "; pass the server's key with --api-key" if response.status_code in (401, 403) else ""
         raise UserError(message + hint)
 
