@@ -179,7 +179,7 @@ def test_moe_routing_weights_topk_and_aux_loss():
     config = tiny(n_experts=4, experts_top_k=2, d_ff=16, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.5)
     moe = MixtureOfExperts(config)
     x = torch.randn(3, 5, 32)
-    out = moe(x)
+    out, aux_loss = moe(x)
     assert out.shape == x.shape
     tokens = x.reshape(-1, 32)
     weights, experts, logits = moe.route(tokens)
@@ -197,13 +197,15 @@ def test_moe_routing_weights_topk_and_aux_loss():
             counts[int(experts[n, j])] += 1
     balance = 4 * ((counts / 30) * probs.mean(0)).sum()
     z_loss = (torch.logsumexp(logits, -1) ** 2).mean()
-    assert torch.allclose(moe.aux_loss, balance + 0.5 * z_loss, atol=1e-5)
+    assert torch.allclose(aux_loss, balance + 0.5 * z_loss, atol=1e-5)
 
 
 def test_moe_model_trains_and_reports_aux_loss():
     model = build_model(get_preset("moe-tiny", vocab_size=97, d_model=32, d_ff=32, n_layers=2))
     ids = torch.randint(0, 97, (2, 8))
-    loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()) + model.last_aux_loss
+    output = model(ids, return_output=True)
+    assert output.aux_loss is not None and output.aux_loss.ndim == 0
+    loss = F.cross_entropy(output.logits.flatten(0, 1), ids.flatten()) + output.aux_loss
     loss.backward()
     assert model.transformer.blocks[0].mlp.router.weight.grad.abs().sum() > 0
 

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.eval import evaluate_objective
-from lmforge.train import CausalLMObjective, MaskedLMObjective, NonFiniteLossError, Trainer, TrainConfig
+from lmforge.train import CausalLMObjective, MaskedLMObjective, NonFiniteLossError, Objective, Trainer, TrainConfig
 from lmforge.train.checkpoint import list_checkpoints, load_trainer_state
 
 from train_support import CountingBatches, SplitBatches, parameters_of, tiny_bert, tiny_gpt
@@ -108,15 +108,24 @@ def test_masked_lm_objective_trains_bert(tmp_path):
 
 
 def test_objectives_return_sums_over_predicted_tokens():
+    from lmforge.model.gpt import CausalLMOutput
+    from lmforge.train.objectives import SFTObjective
+
     logits = torch.randn(2, 3, 5)
 
     class Fixed(torch.nn.Module):
-        def forward(self, input_ids, attention_mask=None):
-            return logits
+        """The GPT forward contract (return_output, logits_mask) and BERT's (return_aux) on fixed logits."""
+
+        def forward(self, input_ids, attention_mask=None, logits_mask=None, return_output=False, return_aux=False):
+            selected = logits if logits_mask is None else logits[logits_mask]
+            if return_aux:
+                return selected, None
+            return CausalLMOutput(selected, torch.zeros(2, 3, 4), None) if return_output else selected
 
     labels = torch.tensor([[1, -100, 4], [-100, -100, 2]])
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels}
-    for objective, accuracy in ((CausalLMObjective(), "accuracy"), (MaskedLMObjective(), "mlm_accuracy")):
+    for objective, accuracy in ((CausalLMObjective(), "accuracy"), (MaskedLMObjective(), "mlm_accuracy"),
+                                (SFTObjective(), "accuracy")):
         output = objective(Fixed(), batch)
         kept = labels != -100
         expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum")
@@ -147,7 +156,7 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
                 run_dir=tmp_path)
 
 
-class _NaNAtCall:
+class _NaNAtCall(Objective):
     """The causal-LM objective, except the loss of the n-th call is NaN (a numerical blow-up)."""
 
     def __init__(self, nan_call: int) -> None:

@@ -13,7 +13,7 @@ both totals). Over the whole validation split this is exact up to the few tokens
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def bits_per_byte(total_nats: float, total_bytes: float) -> float:
 def evaluate_objective(model: nn.Module, objective, batches: Iterable[dict[str, torch.Tensor]], *,
                        device: torch.device | str = "cpu", bytes_per_token: float | None = None,
                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       prefix: str = "val_") -> dict[str, float]:
+                       prefix: str = "val_", ctx: Any = None) -> dict[str, float]:
     """Average an objective's loss and metrics over `batches`.
 
     Args:
@@ -41,30 +41,34 @@ def evaluate_objective(model: nn.Module, objective, batches: Iterable[dict[str, 
         bytes_per_token: the split's UTF-8 bytes per token; adds `bpb` (causal LM only: a masked
             LM does not model the whole text, so its loss has no per-byte reading).
         reduce: sums a tensor over distributed processes (each evaluated its own batches).
+        ctx: a lmforge.train.TrainContext; when given, each batch goes through objective.prepare.
     Returns: {prefix + "loss", prefix + "ppl", [prefix + "bpb"], prefix + each objective metric}.
     """
+    from ..train.context import move_tensors
+    from ..train.objectives import MetricSums
+
     # float64 sums: a large evaluation adds up millions of per-token losses.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     units = 0
-    metric_sums: dict[str, torch.Tensor] = {}
+    metrics = MetricSums()
     for batch in batches:
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch = move_tensors(batch, torch.device(device))
+        if ctx is not None:
+            batch = objective.prepare(batch, ctx)
         output = objective(model, batch)
         loss_sum += output.loss.double()
         units += objective.units(batch)
-        for name, value in output.metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.double()
-    names = sorted(metric_sums)
-    totals = torch.stack([loss_sum, torch.tensor(float(units), dtype=torch.float64, device=device),
-                          *(metric_sums[name] for name in names)])
+        metrics.add(output.metrics)
+    totals = torch.cat([torch.stack([loss_sum, torch.tensor(float(units), dtype=torch.float64, device=device)]),
+                        metrics.flat(device)])
     if reduce is not None:
         totals = reduce(totals)
     total_nats, total_units, *sums = totals.tolist()
     if total_units == 0:
         raise ValueError("the evaluation batches hold no tokens to predict")
     loss = total_nats / total_units
-    metrics = {f"{prefix}loss": loss, f"{prefix}ppl": perplexity(loss)}
+    result = {f"{prefix}loss": loss, f"{prefix}ppl": perplexity(loss)}
     if bytes_per_token:
-        metrics[f"{prefix}bpb"] = bits_per_byte(total_nats, total_units * bytes_per_token)
-    metrics.update({f"{prefix}{name}": value / total_units for name, value in zip(names, sums)})
-    return metrics
+        result[f"{prefix}bpb"] = bits_per_byte(total_nats, total_units * bytes_per_token)
+    result.update({f"{prefix}{name}": value for name, value in metrics.means(sums, total_units).items()})
+    return result

@@ -20,6 +20,7 @@ so several threads may stream from one engine at once: whoever steps advances ev
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -119,7 +120,9 @@ class Engine:
             raise UserError(f"max_batch_size must be >= 1, not {max_batch_size}")
         if getattr(model.config, "arch", "gpt") != "gpt":
             raise UserError("generation needs a causal LM (arch 'gpt'); a BERT model cannot generate text")
-        self.model = model.eval()
+        # The caller's model keeps its mode: each step switches to eval (no dropout) and back, so a
+        # trainer can roll out from the policy it trains (lmforge.train.context).
+        self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_policy = context_policy
@@ -136,7 +139,8 @@ class Engine:
         if compile:
             start = time.perf_counter()
             self.static_step = StaticDecodeStep(model, self.cache, compile=True)
-            self.static_step(torch.zeros(max_batch_size, dtype=torch.long, device=self.device))   # compile now
+            with eval_mode(model), torch.inference_mode():
+                self.static_step(torch.zeros(max_batch_size, dtype=torch.long, device=self.device))   # compile now
             self.stats.compile_seconds = time.perf_counter() - start
         self._lock = threading.RLock()
         self._ids = itertools.count()
@@ -241,7 +245,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """One scheduler step (admit + prefill, decode, sample). Returns False when idle."""
-        with self._lock:
+        with self._lock, eval_mode(self.model):
             changed = self._drop_cancelled()
             decoding = [s for s in self.slots if s is not None and s.next_token is not None]
             admitted = self._admit()
@@ -379,6 +383,19 @@ class Engine:
         if sequence.row is not None:
             self.slots[sequence.row] = None
             sequence.row = None
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it had."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def default_stop_token_ids(tokenizer: Any) -> frozenset[int]:

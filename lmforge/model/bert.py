@@ -33,15 +33,17 @@ class BERT(nn.Module):
             self.mlm_decoder.weight = self.transformer.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: [B, T] -> masked-LM logits [B, T, vocab_size]."""
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
-        return self.mlm_logits(hidden)
+                token_type_ids: torch.Tensor | None = None, return_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids: [B, T] -> masked-LM logits [B, T, vocab_size] (with return_aux: (logits, MoE aux loss))."""
+        hidden, aux_loss = self.transformer(input_ids, attention_mask, token_type_ids)
+        logits = self.mlm_logits(hidden)
+        return (logits, aux_loss) if return_aux else logits
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] -> contextual embeddings [B, T, d_model] (HF's `last_hidden_state`)."""
-        return self.transformer(input_ids, attention_mask, token_type_ids)
+        return self.transformer(input_ids, attention_mask, token_type_ids)[0]
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, d] (or [N, d] for the masked positions only) -> [..., vocab_size]."""
@@ -58,7 +60,3 @@ class BERT(nn.Module):
         """[B, T] -> sequence logits [B, n_labels]."""
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
         return self.classifier(self.classifier_dropout(self.pooled(hidden)))
-
-    @property
-    def last_aux_loss(self) -> torch.Tensor | None:
-        return self.transformer.aux_loss

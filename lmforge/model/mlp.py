@@ -61,7 +61,8 @@ class MixtureOfExperts(nn.Module):
     with the top-k probabilities renormalised to sum to 1. Only k of n_experts MLPs run per token,
     so parameters grow with n_experts while compute per token stays ~k dense MLPs.
 
-    Two auxiliary losses keep routing healthy (stored in `aux_loss` after each forward):
+    Two auxiliary losses keep routing healthy (returned by `forward` beside the output, so that
+    they travel with the graph through DDP, compile and activation checkpointing):
     - load balancing (Switch Transformer): n_experts * sum_e f_e * P_e, where f_e is the fraction
       of routed token slots that went to expert e and P_e the mean router probability of e.
       It is minimised (= 1) by a uniform split.
@@ -74,7 +75,6 @@ class MixtureOfExperts(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = config.moe_aux_loss_coef, config.moe_z_loss_coef
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         self.experts = nn.ModuleList(build_dense_mlp(config) for _ in range(config.n_experts))
-        self.aux_loss: torch.Tensor | None = None
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens: [N, d] -> (weights [N, k] summing to 1, expert ids [N, k], router logits [N, E])."""
@@ -84,7 +84,8 @@ class MixtureOfExperts(nn.Module):
         weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
         return weights, top_experts, logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., d] -> (output [..., d], auxiliary loss: a scalar)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])                                     # [N, d]
         weights, experts, logits = self.route(tokens)
@@ -95,8 +96,7 @@ class MixtureOfExperts(nn.Module):
                 continue
             expert_out = expert(tokens[token_index]) * weights[token_index, slot, None].to(tokens.dtype)
             output.index_add_(0, token_index, expert_out.to(output.dtype))
-        self.aux_loss = self.auxiliary_loss(logits, experts)
-        return output.reshape(shape)
+        return output.reshape(shape), self.auxiliary_loss(logits, experts)
 
     def auxiliary_loss(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=-1)

@@ -34,13 +34,20 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache_step: CacheStep | None = None) -> torch.Tensor:
-        """x: [B, T, d_model] -> [B, T, d_model]."""
+                cache_step: CacheStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, d_model] -> (x [B, T, d_model], the MoE auxiliary loss or None for a dense MLP)."""
         if self.pre_norm:
             x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache_step))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            out, aux = self._mlp(self.mlp_norm(x))
+            return x + self.dropout(out), aux
         x = self.attn_norm(x + self.dropout(self.attn(x, mask, rope, cache_step)))
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        out, aux = self._mlp(x)
+        return self.mlp_norm(x + self.dropout(out)), aux
+
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.mlp, MixtureOfExperts):
+            return self.mlp(x)
+        return self.mlp(x), None
 
 
 class Transformer(nn.Module):
@@ -66,56 +73,79 @@ class Transformer(nn.Module):
                            if config.final_norm else None)
         self.gradient_checkpointing = False  # recompute block activations in backward to save memory
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: [B, T]; attention_mask: [B, T] (1 = token, 0 = right padding) -> hidden [B, T, d_model]."""
-        batch, length = input_ids.shape
+                cache_rows: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (or their embeddings) -> (hidden [B, T, d_model], MoE auxiliary loss or None).
+
+        input_ids: [B, T], or None when `inputs_embeds` [B, T, d_model] is given (prompt tuning
+            prepends learned vectors that are no token's embedding).
+        attention_mask: [B, T], 1 = token, 0 = right padding.
+        position_ids / document_ids: [B, T] for packed sequences: several examples share a row,
+            positions restart at 0 for each, and a token attends only to earlier tokens of its own
+            document (a block-diagonal causal mask), so an example never sees what is packed before it.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        batch, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
         if kv_cache is not None:
+            if position_ids is not None or document_ids is not None:
+                raise ValueError("packed sequences (position_ids, document_ids) are for training, not the KV cache")
             positions, new_lengths, key_length = kv_cache.plan(cache_rows, length, attention_mask)
             cache_step = CacheStep(kv_cache, cache_rows, positions, key_length)
         else:
             if length > self.config.max_seq_len and self.config.position in ("learned", "sinusoidal"):
                 raise UserError(f"the input has {length} tokens but the model's context is {self.config.max_seq_len}; "
                                 "truncate the input")
-            positions = torch.arange(length, device=input_ids.device)[None]   # [1, T]
+            positions = position_ids if position_ids is not None else torch.arange(length, device=device)[None]
             key_length, cache_step = length, None
-        mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None)
+        mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None,
+                                   document_ids=document_ids)
         rope = None
         if self.rotary is not None:
+            # Packed positions never exceed the row length, so `length` bounds the table either way.
             self.rotary.extend(key_length)
             rope = self.rotary.tables(positions)
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         elif self.config.position == "sinusoidal":
             x = x + self.sinusoidal[positions].to(x.dtype)
         if self.embed_token_types is not None:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            types = token_type_ids if token_type_ids is not None else torch.zeros(batch, length, dtype=torch.long,
+                                                                                  device=device)
             x = x + self.embed_token_types(types)
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
         x = self.dropout(x)
 
+        aux_losses = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, rope, cache_step, use_reentrant=False)
+                x, aux = checkpoint(block, x, mask, rope, cache_step, use_reentrant=False)
             else:
-                x = block(x, mask, rope, cache_step)
+                x, aux = block(x, mask, rope, cache_step)
+            if aux is not None:
+                aux_losses.append(aux)
         if kv_cache is not None:
             kv_cache.commit(cache_rows, new_lengths)
-        return self.final_norm(x) if self.final_norm is not None else x
+        hidden = self.final_norm(x) if self.final_norm is not None else x
+        return hidden, (torch.stack(aux_losses).sum() if aux_losses else None)
 
     def attention_mask(self, positions: torch.Tensor, key_length: int, padding: torch.Tensor | None,
-                       cached: bool) -> AttentionMask:
+                       cached: bool, document_ids: torch.Tensor | None = None) -> AttentionMask:
         """Build the mask once per forward; every layer shares it.
 
-        The common training case (no padding, no cache, no window, no ALiBi) passes no tensor at
-        all and lets SDPA apply causality itself, which is its fastest path.
+        The common training case (no padding, no cache, no window, no ALiBi, no packing) passes no
+        tensor at all and lets SDPA apply causality itself, which is its fastest path.
         """
         config = self.config
-        plain = padding is None and config.sliding_window is None and config.position != "alibi"
+        plain = (padding is None and document_ids is None and config.sliding_window is None
+                 and config.position != "alibi")
         if plain and not cached:
             return AttentionMask(None, is_causal=config.is_causal)
         if plain and config.is_causal and (positions.shape[0] == 1 or bool((positions[:, 0] == positions[0, 0]).all())):
@@ -124,6 +154,10 @@ class Transformer(nn.Module):
                 return AttentionMask(None, is_causal=False)   # one new token sees every cached key
             if int(positions[0, 0]) == 0:
                 return AttentionMask(None, is_causal=True)    # prefill of empty rows: plain causal
+        if document_ids is not None:
+            # Packed rows: order and distance are by index in the row (position ids restart per
+            # document), and a query sees keys of its own document only.
+            positions = torch.arange(key_length, device=positions.device)[None]
         key_positions = torch.arange(key_length, device=positions.device)
         query_positions = positions[:, :, None]                                   # [B|1, T, 1]
         allowed = torch.ones(1, 1, 1, dtype=torch.bool, device=positions.device)
@@ -131,6 +165,8 @@ class Transformer(nn.Module):
             allowed = key_positions <= query_positions                            # [B|1, T, S]
         if config.sliding_window is not None:
             allowed = allowed & (query_positions - key_positions < config.sliding_window)
+        if document_ids is not None:
+            allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
         if padding is not None and not cached:
             allowed = allowed & padding[:, None, :].bool()
         # A query always sees itself, so fully padded rows never produce NaN (their output is ignored).
@@ -140,12 +176,6 @@ class Transformer(nn.Module):
         distance = (query_positions - key_positions).abs().float()[:, None]      # [B|1, 1, T, S]
         bias = -self.alibi_slopes[None, :, None, None].to(distance.device) * distance
         return AttentionMask(bias.masked_fill(~allowed, float("-inf")), is_causal=False)
-
-    @property
-    def aux_loss(self) -> torch.Tensor | None:
-        losses = [block.mlp.aux_loss for block in self.blocks
-                  if isinstance(block.mlp, MixtureOfExperts) and block.mlp.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
 
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:

@@ -3,6 +3,7 @@
     runs/<name>/checkpoints/step-000100/
         model.safetensors     the weights (a tied output head is stored once, as the embedding)
         ema.safetensors       the EMA weights, when EMA is on
+        extras.safetensors    the objective's extra trained modules (a value head), if any
         trainer_state.pt      optimizer, GradScaler, schedule, step, RNG states and data-loader
                               states of every process (tensors and plain containers only, so it
                               loads with torch.load(weights_only=True))
@@ -35,6 +36,7 @@ from ..io import apply_default_modes, atomic_path, read_json, write_json_atomic,
 
 CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.json"
+EXTRAS_FILE = "extras.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 
@@ -80,7 +82,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
                     trainer_state: dict[str, Any], config: dict[str, Any],
                     ema_state: dict[str, torch.Tensor] | None = None,
                     model_config: dict[str, Any] | None = None,
-                    summary: dict[str, Any] | None = None) -> Path:
+                    summary: dict[str, Any] | None = None,
+                    extras_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint atomically and return its directory (called on rank 0 only)."""
     directory = Path(run_dir) / CHECKPOINTS
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
         _save_tensors(model_state, temp / "model.safetensors")
         if ema_state is not None:
             _save_tensors(ema_state, temp / "ema.safetensors")
+        if extras_state is not None:
+            _save_tensors(extras_state, temp / EXTRAS_FILE)
         torch.save(trainer_state, temp / "trainer_state.pt")
         (temp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         if model_config is not None:

@@ -15,8 +15,10 @@ One optimizer step:
 Then, at their intervals: evaluate, checkpoint, run hooks (samples), log.
 
 The batch source only needs `next_batch() -> dict` and `state_dict()` / `load_state_dict()`.
-The objective maps (model, batch) to a summed loss (see objectives.py). Evaluation and samples are
-plain callables, so later stages (SFT, DPO, PPO, GRPO) reuse this loop unchanged.
+The objective maps (model, batch) to a summed loss (see objectives.py); before that, its `prepare`
+hook does any no-grad work (rollouts, reference log-probs) with the frozen models given to the
+Trainer, through a TrainContext (context.py). Evaluation and samples are plain callables, so every
+stage (pretraining, SFT, reward models, DPO, PPO, GRPO) runs this loop unchanged.
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ from ..device import pick_device
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .context import TrainContext, freeze, move_tensors
 from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
-from .objectives import Objective
+from .objectives import MetricSums, Objective
 from .optim import build_optimizer
 from .schedule import LRSchedule
 from ..model.builders import tied_names
@@ -104,6 +107,9 @@ class Trainer:
         flops_per_token: training FLOPs per token, for MFU (None: MFU not reported).
         config_dict: the config saved in checkpoints (default: config's fields).
         model_config: saved as config.json beside the weights (default: model.config.to_dict()).
+        frozen_models: models the objective uses but does not train (reference, reward, teacher),
+            by name; moved to the device, frozen and sharded like the model, then handed to
+            objective.setup(ctx) as ctx.frozen.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, batches: BatchSource, config: TrainConfig, *,
@@ -111,7 +117,8 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  hooks: list[Any] | tuple[Any, ...] = (), tracker: Any = None, progress: Any = None,
                  flops_per_token: float | None = None, config_dict: dict[str, Any] | None = None,
-                 model_config: dict[str, Any] | None = None) -> None:
+                 model_config: dict[str, Any] | None = None,
+                 frozen_models: dict[str, nn.Module] | None = None) -> None:
         self.context = context or DistributedContext(device=pick_device(config.device))
         self.device = self.context.device
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
@@ -132,7 +139,13 @@ class Trainer:
             _enable_activation_checkpointing(self.raw)
         if self.context.is_distributed and config.distributed == "fsdp":
             shard_model(self.raw)
-        self.optimizer = build_optimizer(self.raw, config)
+        # Extra trainable modules (a value head) are small: replicated on every process, their
+        # gradients averaged by one all-reduce per step (see _sync_extra_gradients).
+        self.extras = nn.ModuleDict(objective.trainable_modules()).to(self.device)
+        self.optimizer = build_optimizer(self.raw, config, extras=self.extras,
+                                         extras_lr_scale=getattr(objective, "extras_lr_scale", 1.0))
+        # What the optimizer state is keyed by in checkpoints: the model, with the extras beside it.
+        self._optimized = self.raw if not len(self.extras) else nn.ModuleDict({"model": self.raw, "extras": self.extras})
         self.ema = EMA(self.raw, config.ema_decay) if config.ema_decay > 0 else None
         self.inner = torch.compile(self.raw) if config.compile else self.raw
         self.model = (wrap_data_parallel(self.inner, self.context)
@@ -140,6 +153,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.schedule = LRSchedule(config.schedule, config.lr, config.min_lr, config.warmup_steps,
                                    config.decay_fraction)
+        frozen = {name: freeze(module, self.device) for name, module in (frozen_models or {}).items()}
+        if self.context.is_distributed and config.distributed == "fsdp":
+            for module in frozen.values():
+                shard_model(module)
+        self.ctx = TrainContext(self, frozen)
+        objective.setup(self.ctx)
         self.flops_per_token = flops_per_token
         self.peak_flops = (peak_flops(self.device, config.precision, config.peak_flops)
                            if flops_per_token and self.context.is_main else None)
@@ -226,9 +245,9 @@ class Trainer:
         config, context = self.config, self.context
         lr = self.schedule.lr_at(self.step, self._horizon)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)    # e.g. a value head or adapter at its own rate
 
-        micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum)]
+        micro_batches = [self._prepared(self.batches.next_batch()) for _ in range(config.grad_accum)]
         # float64 keeps the counts exact whatever the run's size.
         units = context.all_reduce_sum(torch.tensor(
             float(sum(self.objective.units(batch) for batch in micro_batches)), dtype=torch.float64,
@@ -237,31 +256,28 @@ class Trainer:
             raise UserError(f"step {self.step + 1} has no tokens to predict (every label is ignored); "
                             "check the data")
         loss_sum = torch.zeros((), device=self.device)
-        metric_sums: dict[str, torch.Tensor] = {}
+        metrics = MetricSums()
         tokens = 0
         for index, batch in enumerate(micro_batches):
-            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-            tokens += batch["input_ids"].numel()
+            tokens += self.objective.tokens(batch)
             with gradient_sync(self.model, self.raw, enabled=index == len(micro_batches) - 1):
                 with self.autocast():
                     output = self.objective(self.model, batch)
                 self.scaler.scale(output.loss * (context.world_size / units)).backward()
             loss_sum += output.loss.detach().float()
-            for name, value in output.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().float()
+            metrics.add(output.metrics)
+        self._sync_extra_gradients()
 
         # One all-reduce carries the loss, metrics, tokens and rank 0's view of the clock.
-        names = sorted(metric_sums)
         elapsed = self.elapsed_seconds
         budget = config.max_minutes * 60 if config.max_minutes is not None else None
         clock = [float(budget is not None and elapsed >= budget), self._estimate_horizon(elapsed, budget)]
-        sums = torch.stack([loss_sum, *(metric_sums[name] for name in names)]).double()
         counts = torch.tensor([float(tokens), *(value if context.is_main else 0.0 for value in clock)],
                               dtype=torch.float64, device=self.device)
-        local = torch.cat([sums, counts])
+        local = torch.cat([loss_sum.double()[None], metrics.flat(self.device), counts])
         totals = context.all_reduce_sum(local).tolist()
         loss = totals[0] / units
-        metrics = {name: totals[1 + i] / units for i, name in enumerate(names)}
+        metrics = metrics.means(totals[1:-3], units)
         tokens, time_up, horizon = int(totals[-3]), totals[-2] > 0, int(totals[-1])
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -269,7 +285,7 @@ class Trainer:
             raise NonFiniteLossError(self._non_finite_message(loss))
 
         self.scaler.unscale_(self.optimizer)
-        parameters = [p for p in self.raw.parameters() if p.grad is not None]
+        parameters = [p for p in self.trainable_parameters() if p.grad is not None]
         if config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         else:
@@ -281,6 +297,24 @@ class Trainer:
             self.ema.update(self.raw)
         self._time_up, self._horizon = time_up, max(horizon, self.step + 1)
         return StepStats(loss, metrics, float(full_tensor(grad_norm)), tokens, lr)
+
+    def _prepared(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A micro-batch on the device (its tensors; anything else stays), after objective.prepare."""
+        batch = move_tensors(batch, self.device)
+        with torch.no_grad():
+            return self.objective.prepare(batch, self.ctx)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The model's and the objective's extra modules' parameters that are trained."""
+        return [p for p in [*self.raw.parameters(), *self.extras.parameters()] if p.requires_grad]
+
+    def _sync_extra_gradients(self) -> None:
+        """Average the extra modules' gradients over processes (DDP/FSDP only cover the model)."""
+        if not self.context.is_distributed:
+            return
+        for parameter in self.extras.parameters():
+            if parameter.grad is not None:
+                self.context.all_reduce_sum(parameter.grad).div_(self.context.world_size)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -325,7 +359,7 @@ class Trainer:
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.raw, options=full)
-        optimizer_state = get_optimizer_state_dict(self.raw, self.optimizer, options=full)
+        optimizer_state = get_optimizer_state_dict(self._optimized, self.optimizer, options=full)
         ema_state = ({name: full_tensor(t).cpu() for name, t in self.ema.state_dict().items()}
                      if self.ema is not None else None)
         rng_states = self.context.gather_objects(_rng_state())
@@ -337,12 +371,12 @@ class Trainer:
                 "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
                 "rng": rng_states, "loader": loader_states, "world_size": self.context.world_size,
-                "best_val_loss": self.best_val_loss,
+                "best_val_loss": self.best_val_loss, "objective": self.objective.state_dict(),
             }
             summary = {"val_loss": val_loss, "train_loss": train_loss, "tokens_seen": self.tokens}
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, {k: v for k, v in model_state.items() if k not in aliases},
-                trainer_state, self.config_dict,
+                trainer_state, self.config_dict, extras_state=self.extras.state_dict() if len(self.extras) else None,
                 ema_state={k: v for k, v in ema_state.items() if k not in aliases} if ema_state else None,
                 model_config=self.model_config, summary=summary)
             if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
@@ -370,7 +404,7 @@ class Trainer:
         if missing or incompatible.unexpected_keys:
             raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
-        set_optimizer_state_dict(self.raw, self.optimizer, state["optimizer"],
+        set_optimizer_state_dict(self._optimized, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -381,6 +415,9 @@ class Trainer:
         self.elapsed_before = state["elapsed_seconds"]
         self.best_val_loss = state["best_val_loss"]
         self.batches.load_state_dict(state["loader"][self.context.rank])
+        self.objective.load_state_dict(state.get("objective") or {})
+        if len(self.extras):
+            self.extras.load_state_dict(_shard_like(ckpt.load_tensors(path / ckpt.EXTRAS_FILE), self.extras.state_dict()))
         _set_rng_state(state["rng"][self.context.rank])
         self._horizon = self.config.max_steps or max(self.step + 1, self.config.warmup_steps)
         self._saved_step = self.step

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .config import TrainConfig
 
 
@@ -83,9 +84,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """`optimizer`: adamw (ours), torch (torch.optim.AdamW), fused (torch's fused AdamW kernel)."""
+def build_optimizer(model: nn.Module, config: TrainConfig, extras: nn.Module | None = None,
+                    extras_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """`optimizer`: adamw (ours), torch (torch.optim.AdamW), fused (torch's fused AdamW kernel).
+
+    extras: an objective's extra trainable modules (a value head), in groups of their own whose
+    learning rate is `extras_lr_scale` times the schedule's (the loop reads each group's lr_scale).
+    """
     groups = parameter_groups(model, config.weight_decay)
+    if extras is not None:
+        groups += [{**group, "lr_scale": extras_lr_scale} for group in parameter_groups(extras, config.weight_decay)]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise UserError("nothing to train: no parameter requires grad; unfreeze something or add an adapter")
     kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     if config.optimizer == "adamw":
         return AdamW(groups, **kwargs)
