@@ -101,10 +101,10 @@ def test_both_backends_drop_the_oldest_exchanges_of_a_conversation_too_long_for_
                     {"role": "assistant", "content": f"a{turn}"}]
     conversation = [{"role": "system", "content": "Be brief."}, *history, *HELLO]
     settings = ChatSettings(temperature=0.0, top_p=1.0, max_new_tokens=16)
-    kept, prompt = fit_chat(tokenizer, 128, conversation, 16)
+    kept, prompt_ids = fit_chat(tokenizer, 128, conversation, 16)
     assert kept[0]["role"] == "system" and kept[-1] == HELLO[0] and 2 < len(kept) < len(conversation)
-    assert len(tokenizer.encode(prompt)) <= 128 - 16
-    expected = "".join(tiny_chat_engine(model, tokenizer).stream(prompt, settings_params(settings)))
+    assert len(prompt_ids) <= 128 - 16
+    expected = "".join(tiny_chat_engine(model, tokenizer).stream(prompt_ids, settings_params(settings)))
 
     strict = Engine(model, tokenizer, max_batch_size=2, context_policy="error")
     with pytest.raises(UserError, match="context of 128"):

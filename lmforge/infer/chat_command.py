@@ -44,10 +44,10 @@ class ChatSession:
     def reply(self, user_text: str):
         """Yield the assistant's reply in pieces; the turn is kept once the reply is complete."""
         self.turns.append({"role": "user", "content": user_text})
-        prompt = self._fitting_prompt()
+        prompt_ids = self._fitting_prompt()
         pieces = []
         try:
-            for piece in self.engine.stream(prompt, self.params):
+            for piece in self.engine.stream(prompt_ids, self.params):
                 pieces.append(piece)
                 yield piece
         except BaseException:
@@ -55,14 +55,15 @@ class ChatSession:
             raise
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
 
-    def _fitting_prompt(self) -> str:
-        """Drop the oldest turns (never the system prompt or the new message) until the prompt fits."""
+    def _fitting_prompt(self) -> list[int]:
+        """Drop the oldest turns (never the system prompt or the new message) until the prompt fits;
+        the prompt's token ids (message text encoded as plain text, so it cannot fake a turn)."""
         from .chat import fit_chat
 
-        messages, prompt = fit_chat(self.engine.tokenizer, self.engine.context_length, self.messages(),
-                                    self.params.max_new_tokens)
+        messages, prompt_ids = fit_chat(self.engine.tokenizer, self.engine.context_length, self.messages(),
+                                        self.params.max_new_tokens)
         self.turns = messages[1:] if self.system else messages
-        return prompt
+        return prompt_ids
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,14 +102,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .chat import render_chat
+    from .chat import render_chat_ids
 
     params = sampling_from_args(args)
     engine = load_engine(args, max_batch_size=len(args.prompt))
     prompts = list(args.prompt)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
-        prompts = [render_chat(engine.tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+        prompts = [render_chat_ids(engine.tokenizer, system + [{"role": "user", "content": p}],
+                                   add_generation_prompt=True)[0] for p in prompts]
     start = time.perf_counter()
     if len(prompts) == 1:
         sequence = engine.submit(prompts[0], params)

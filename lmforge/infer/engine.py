@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import ContextLengthError, UserError
-from .chat import render_chat
+# The tokenizer layer owns the stop tokens (SFT masks use them too); re-exported here.
+from ..tokenizer.chat_template import END_TOKENS, default_stop_token_ids, render_chat_ids  # noqa: F401
 from .sampling import BatchSampler, SamplingParams
 from .static_decode import StaticDecodeStep
 from .text import TextStream
@@ -39,8 +40,6 @@ CONTEXT_POLICIES = ("truncate_left", "error")
 # The KV cache holds max_batch_size x context positions per layer; long-context models (SmolLM2:
 # 8192) would need gigabytes for a full batch, so the served context is capped unless asked.
 DEFAULT_MAX_SEQ_LEN = 2048
-# Specials that end a turn or a document, for tokenizers that do not name their own end token.
-END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
 
 
 @dataclass
@@ -166,8 +165,12 @@ class Engine:
         return self.stream_sequence(self.submit(prompt, params))
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        """Stream the assistant's reply to a conversation rendered with the model's chat template."""
-        return self.stream(render_chat(self.tokenizer, messages, add_generation_prompt=True), params)
+        """Stream the assistant's reply to a conversation rendered with the model's chat template.
+
+        The prompt is token ids from `render_chat_ids`: message text is encoded as plain text, so a
+        message holding "<|im_end|>" cannot fake a turn."""
+        prompt_ids, _ = render_chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+        return self.stream(prompt_ids, params)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                on_update: Callable[[Sequence], None] | None = None) -> Sequence:
@@ -396,15 +399,3 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         if was_training:
             model.train()
-
-
-def default_stop_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's end-of-text and end-of-turn tokens: generation stops at any of them."""
-    ids = set()
-    for name in ("eot_id", "eos_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    specials = getattr(tokenizer, "special_tokens", None) or {}
-    ids.update(specials[name] for name in END_TOKENS if name in specials)
-    return frozenset(ids)

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, UserError
-from ..infer.chat import render_chat
+from ..infer.chat import render_chat_ids
 from ..infer.engine import Engine, Sequence
 from ..infer.sampling import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, error_response
@@ -86,9 +86,10 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check_model(body.model, model_name)
         body.check()
-        prompt = render_chat(engine.tokenizer, body.messages, add_generation_prompt=True)
+        # Token ids, not text: message text is encoded as plain text, so it cannot fake a turn.
+        prompt_ids, _ = render_chat_ids(engine.tokenizer, body.messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
-        submitted = _submit(scheduler, [prompt], body, None, logprobs, body.top_logprobs or 0)
+        submitted = _submit(scheduler, [prompt_ids], body, None, logprobs, body.top_logprobs or 0)
         reply = _Reply("chatcmpl", model_name, engine, body.n or 1)
         if body.stream:
             return _sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)

@@ -94,8 +94,9 @@ class LocalBackend(ChatBackend):
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p)
         # Like `lmforge chat`: a long conversation loses its oldest exchanges, not its system prompt.
-        _, prompt = fit_chat(self.engine.tokenizer, self.engine.context_length, messages, params.max_new_tokens)
-        yield from self.engine.stream(prompt, params)
+        # The prompt is token ids, with message text encoded as plain text (no faked turns).
+        _, prompt_ids = fit_chat(self.engine.tokenizer, self.engine.context_length, messages, params.max_new_tokens)
+        yield from self.engine.stream(prompt_ids, params)
 
     def model_info(self) -> str:
         from ..model.info import count_parameters, describe

@@ -12,6 +12,9 @@ PAD = "<|pad|>"
 MASK = "<|mask|>"
 
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, PAD, MASK)
+# Specials that end a turn or a document, for tokenizers that do not name their own end token
+# (generation stops at them; an assistant turn is trained on through the first of them).
+END_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_END, "<|eot_id|>", "<|end|>", "</s>")
 
 # ChatML, in HF's Jinja dialect: `<|im_start|>role\ncontent<|im_end|>\n` per message, then
 # `<|im_start|>assistant\n` when the caller asks for the model's turn (add_generation_prompt).
