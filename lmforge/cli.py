@@ -39,6 +39,9 @@ STAGES: list[tuple[str, list[Command]]] = [
         Command("speedrun", "lmforge.train.speedrun", "tokenizer -> shards -> pretrain -> eval -> report, on a CPU"),
         Command("runs", "lmforge.track.commands", "list runs and plot their curves"),
     ]),
+    ("Stage 4 - fine-tuning", [
+        Command("sft", "lmforge.train.sft_command", "supervised fine-tuning on chat data (assistant-only loss, packing)"),
+    ]),
     ("Stage 6 - inference and deployment", [
         Command("generate", "lmforge.infer.commands", "generate text from a prompt"),
         Command("chat", "lmforge.infer.chat_command", "chat with a model in the terminal"),

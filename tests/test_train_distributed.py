@@ -13,7 +13,8 @@ from lmforge.track.tracker import read_jsonl
 from lmforge.train import CausalLMObjective, Trainer, TrainConfig
 from lmforge.train.checkpoint import list_checkpoints
 
-from train_support import CountingBatches, SplitBatches, distributed_worker, make_shakespeare_shards, tiny_gpt
+from train_support import (CountingBatches, SplitBatches, distributed_worker, make_shakespeare_shards, sft_arguments,
+                           tiny_gpt, write_arithmetic_chats)
 
 STEPS = 3
 
@@ -39,6 +40,7 @@ def _single_process(tmp_path) -> tuple[dict[str, torch.Tensor], list[float]]:
 @pytest.mark.slow
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tmp_path_factory):
     shards, _ = make_shakespeare_shards(tmp_path_factory.getbasetemp() / "train-shakespeare")
+    write_arithmetic_chats(tmp_path / "chats.jsonl")
     mp.spawn(distributed_worker, args=(2, _free_port(), str(tmp_path), STEPS, shards), nprocs=2, join=True)
     single_params, single_losses = _single_process(tmp_path)
     for strategy in ("ddp", "fsdp"):
@@ -73,3 +75,22 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tmp_path_factory):
     assert [row["step"] for row in rows] == [1, 3, 6]
     assert rows[-1]["tokens_seen"] == 6 * 2 * 8 * 64 and "val_loss" in rows[-1]
     assert [step for step, _ in list_checkpoints(tmp_path / "cli")] == [6]
+
+    # `lmforge sft` of that run in 2 processes (DDP, 2 rows each) equals 1 process with 4 rows.
+    assert [torch.load(tmp_path / f"sft-rank{rank}.pt")["exit_code"] for rank in (0, 1)] == [0, 0]
+    from lmforge import cli
+
+    torch.set_num_threads(1)
+    assert cli.main(sft_arguments(str(tmp_path / "cli"), str(tmp_path / "chats.jsonl"), str(tmp_path), "sft-single")) == 0
+    ddp_rows = read_jsonl(tmp_path / "sft-ddp" / "metrics.jsonl")
+    single_rows = read_jsonl(tmp_path / "sft-single" / "metrics.jsonl")
+    assert len(ddp_rows) == len(single_rows) == 5              # step 0 (the base model's evaluation) + 4 steps
+    for ddp_row, single_row in zip(ddp_rows, single_rows):
+        for key in ("loss", "val_loss"):
+            assert (key in ddp_row) == (key in single_row)
+            if key in ddp_row:
+                assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-5), (key, ddp_row["step"])
+    assert ddp_rows[-1]["tokens_seen"] == single_rows[-1]["tokens_seen"]
+    single = load_file(tmp_path / "sft-single" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "sft-ddp" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, single[name], rtol=1e-4, atol=1e-5, msg=name)

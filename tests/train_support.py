@@ -153,8 +153,33 @@ def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, step
                          "eval_interval=6", "eval_batches=2", "checkpoint_interval=6", "sample_tokens=0",
                          "peak_flops=1e12", "progress=false"])
         torch.save({"exit_code": code}, f"{out_dir}/cli-rank{rank}.pt")
+        # SFT of that run in 2 processes (DDP): 2 rows per process = the 4-row global batch of the
+        # single-process run the test compares it with.
+        code = cli.main(sft_arguments(f"{out_dir}/cli", f"{out_dir}/chats.jsonl", out_dir, "sft-ddp", batch_size=2))
+        torch.save({"exit_code": code}, f"{out_dir}/sft-rank{rank}.pt")
     finally:
         shutdown_distributed(context)
+
+
+def sft_arguments(model: str, data: str, out_dir: str, name: str, **extra) -> list[str]:
+    """`lmforge sft` arguments for a short SFT run of a small model on the arithmetic chats."""
+    settings = dict(model=model, data=data, out_dir=out_dir, name=name, seq_len=64, batch_size=4, max_steps=4,
+                    lr=3e-3, warmup_steps=0, schedule="constant", log_interval=1, eval_interval=4,
+                    checkpoint_interval=4, val_examples=8, eval_prompts=2, answer_tokens=4, progress=False,
+                    peak_flops=1e12)
+    settings.update(extra)
+    return ["sft", *(f"{key}={value}" for key, value in settings.items())]
+
+
+def write_arithmetic_chats(path, n: int = 120):
+    """Alpaca records 'What is a plus b?' -> 'a+b': a small learnable instruction set."""
+    import json
+    from pathlib import Path
+
+    rows = [{"instruction": f"What is {a} plus {b}?", "output": str(a + b)}
+            for a, b in ((i % 10, (i * 7) % 10) for i in range(n))]
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return Path(path)
 
 
 def make_shakespeare_shards(root) -> tuple[str, str]:

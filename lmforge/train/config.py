@@ -62,6 +62,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int | None = 20       # validation batches per process per evaluation; None = the whole split
+    eval_at_start: bool = False         # also evaluate before the first step (logged as step 0; not on resume)
     checkpoint_interval: int = 100
     keep_last: int = 2                  # checkpoints kept besides the best one
     progress: bool = True               # live progress bar (tokens/s, loss, ETA)

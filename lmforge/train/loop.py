@@ -188,6 +188,8 @@ class Trainer:
             self._time_up = budget is not None and self.elapsed_before >= budget * 60
         else:
             _seed_everything(self.config.seed + self.context.rank)
+            if self.config.eval_at_start and self.evaluate is not None:
+                self._log(self.run_evaluation())      # the starting point, as step 0
         if self.context.is_main:
             ckpt.remove_stale_temporaries(self.run_dir)
         self._session_start = time.perf_counter()

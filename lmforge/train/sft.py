@@ -1,0 +1,172 @@
+"""`sft(config)`: supervised fine-tuning of any loadable model on chat data, through the one Trainer.
+
+    from lmforge.train.sft import load_sft_config, sft
+    result = sft(load_sft_config("sft-smollm2-countdown", ["max_steps=50"]))
+    print(result.eval_metrics, result.run_dir / "report.md")
+
+The base is any `lmforge.load` reference (SmolLM2, a pretraining run, an HF directory, a GGUF).
+The loss is next-token cross-entropy on the assistant replies only, end-of-turn tokens included
+(`train_on`), with examples packed into rows that never attend to each other. Every evaluation
+measures the held-out val loss and answers held-out prompts with the chat template; when the data
+comes with a scorer (reasoning-gym tasks) that gives `val_answer_accuracy`, measured by the
+task's own scorer. The base model is evaluated once before training, so the report shows before
+and after. The run directory is like pretraining's, and loads, chats, serves and converts:
+
+    runs/<name>/ config.yaml  metrics.jsonl  samples.jsonl  checkpoints/  tokenizer/
+                 model.safetensors  config.json  report.md  report.json  curves.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import build_config, to_dict
+from ..errors import UserError
+from .config import TrainConfig
+from .loop import RunResult, Trainer, check_precision
+from .session import RunSession
+from .throughput import resolve_precision
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Fine-tuning a model on conversations (TrainConfig's keys plus these)."""
+
+    name: str = "sft"
+    model: str = "smollm2-135m-instruct"  # any lmforge.load reference: bundled name, run, HF dir, .gguf, preset
+    tokenizer: str | None = None          # default: the model's own (needed for a preset)
+    data: str = "chatterbot"              # sharegpt | chatterbot | reasoning-gym:TASK?size=N&seed=S | a file
+    format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "oasst", "prompt_completion"] = "auto"
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"   # last_assistant = completion only
+    system_prompt: str | None = None      # added to conversations that have no system message
+    max_examples: int | None = None       # read at most this many conversations
+    val_examples: int = 32                # held-out conversations (val loss, answers, accuracy)
+    seq_len: int = 512                    # tokens per row; longer conversations are cut after a whole reply
+    packing: bool = True                  # best-fit packing with a block-diagonal mask; false = padding
+    eval_prompts: int = 32                # held-out prompts answered (greedy) at each evaluation
+    answer_tokens: int = 64               # new tokens per answer
+    sample_count: int = 2                 # answers shown and logged as samples at each evaluation
+    # Fine-tuning defaults: a small learning rate, no weight decay, evaluation at the start and end.
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    max_steps: int | None = 100
+    eval_interval: int = 50
+    eval_batches: int | None = None
+    checkpoint_interval: int = 50
+    log_interval: int = 5
+    precision: str = "auto"
+    eval_at_start: bool = True            # evaluate the base model first: the report's "before"
+
+    def validate(self) -> "SFTConfig":
+        super().validate()
+        checks = [
+            (self.seq_len >= 8, f"seq_len must be at least 8, not {self.seq_len}"),
+            (self.val_examples >= 1, "val_examples must be at least 1"),
+            (self.eval_prompts >= 0 and self.sample_count >= 0, "eval_prompts and sample_count must be >= 0"),
+            (self.answer_tokens >= 1, "answer_tokens must be at least 1"),
+            (self.max_examples is None or self.max_examples > 1, "max_examples must be more than 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message}; fix the config")
+        return self
+
+
+def load_sft_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
+    """Defaults <- recipe YAML <- key=value overrides (an unknown key lists the valid ones)."""
+    return build_config(SFTConfig, recipe, overrides)
+
+
+def sft(config: SFTConfig, resume: bool = False) -> RunResult:
+    """Fine-tune config.model on config.data; `resume` continues from the latest checkpoint."""
+    from ..model.loading import load
+    from ..model.info import count_parameters, flops_per_token
+    from .objectives import SFTObjective
+    from .sft_data import prepare_sft_data
+    from .sft_eval import SFTEvaluation, write_report
+
+    config.validate()
+    with RunSession(config, resume) as session:
+        context = session.context
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
+        check_precision(config, context)
+        # Inputs are checked before anything is written: the model, its tokenizer, the data.
+        torch.manual_seed(config.seed)       # a preset's random weights: the same in every process and run
+        model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
+        if tokenizer is None:
+            raise UserError(f"model '{config.model}' has no tokenizer; set tokenizer=PATH (a tokenizer directory "
+                            "or a model whose tokenizer to use)")
+        if getattr(model.config, "arch", "gpt") != "gpt":
+            raise UserError(f"model '{config.model}' is a BERT (masked LM); SFT needs a causal LM (a GPT)")
+        if config.seq_len > model.config.max_seq_len:
+            raise UserError(f"seq_len={config.seq_len} is longer than the model's context "
+                            f"({model.config.max_seq_len}); lower seq_len")
+        started = time.perf_counter()
+        data = prepare_sft_data(config, tokenizer, context.rank, context.world_size)
+        session.claim_run_dir()
+        resume_from = session.checkpoint_to_resume()
+
+        config_dict = to_dict(config)
+        session.save_config(config)
+        if context.is_main:
+            tokenizer.save(session.run_dir / "tokenizer")
+        tracker, progress = session.start_tracking(config_dict, resume_from)
+        evaluation = SFTEvaluation(config, tokenizer, data, context)
+        trainer = Trainer(model.float(), SFTObjective(), data.train, config, run_dir=session.run_dir,
+                          context=context, evaluate=evaluation, tracker=tracker, progress=progress,
+                          flops_per_token=flops_per_token(model.config, config.seq_len), config_dict=config_dict)
+        evaluation.trainer = trainer
+        if context.is_main:
+            _print_plan(config, data, count_parameters(model.config).total, context.world_size, resume_from)
+        result = session.fit(trainer, resume_from)
+        if context.is_main:
+            report = write_report(config, data, evaluation, result, time.perf_counter() - started)
+            _print_result(result, report)
+        return result
+
+
+def _tokenizer_reference(reference: str | None) -> Any:
+    """A tokenizer directory, or a model reference whose tokenizer to take (e.g. smollm2-135m-instruct)."""
+    if reference is None or Path(reference).is_dir() and (Path(reference) / "tokenizer.json").is_file():
+        return reference
+    from ..model.loading import BUNDLED, locate
+
+    source = locate(reference)
+    if source.kind == "gguf":
+        from ..tokenizer import BPETokenizer
+
+        return BPETokenizer.from_gguf(source.path)
+    if source.tokenizer is not None:
+        return source.tokenizer
+    if source.path is not None:
+        return source.path
+    raise UserError(f"tokenizer '{reference}' is neither a tokenizer directory nor a model with a tokenizer "
+                    f"(e.g. {', '.join(BUNDLED)})")
+
+
+def _print_plan(config: SFTConfig, data: Any, n_params: int, world_size: int, resume_from: Path | None) -> None:
+    rows = len(data.train.rows)
+    trained = data.trained_tokens / max(1, data.train_tokens)
+    print(f"sft {config.model} ({n_params / 1e6:.1f}M parameters) on {config.data}: {data.conversations} "
+          f"conversations, {len(data.prompts)} held-out prompts{' (scored)' if data.scored else ''}",
+          file=sys.stderr)
+    print(f"  train: {data.report.describe()}; {rows} {'packed ' if config.packing else ''}rows of <= "
+          f"{config.seq_len} tokens, {data.train_tokens:,} tokens/epoch, {trained:.0%} trained on (train_on="
+          f"{config.train_on}); {config.batch_size * config.grad_accum * world_size} rows/step, {config.precision} "
+          f"-> {config.run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else ""), file=sys.stderr)
+
+
+def _print_result(result: RunResult, report: Path) -> None:
+    figures = ", ".join(f"{name} {value:.4g}" for name, value in result.eval_metrics.items())
+    print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_seconds:.0f}s; {figures}",
+          file=sys.stderr)
+    print(f"report: {report}")
