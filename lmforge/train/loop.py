@@ -38,6 +38,7 @@ from torch import nn
 from ..device import pick_device
 from ..errors import UserError
 from . import checkpoint as ckpt
+from . import trainer_state
 from .config import TrainConfig
 from .context import TrainContext, freeze, move_tensors
 from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model,
@@ -46,7 +47,6 @@ from .ema import EMA
 from .objectives import MetricSums, Objective
 from .optim import build_optimizer
 from .schedule import LRSchedule
-from ..model.builders import tied_names
 from .throughput import memory_gb, peak_flops, resolve_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -352,90 +352,15 @@ class Trainer:
 
     def save_checkpoint(self, val_loss: float | None, train_loss: float | None) -> Path:
         """Save a checkpoint of the current step (every process must call it); returns its path."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        path = self.run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(self.step)
-        if self._saved_step == self.step:
-            return path
-
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.raw, options=full)
-        optimizer_state = get_optimizer_state_dict(self._optimized, self.optimizer, options=full)
-        ema_state = ({name: full_tensor(t).cpu() for name, t in self.ema.state_dict().items()}
-                     if self.ema is not None else None)
-        rng_states = self.context.gather_objects(_rng_state())
-        loader_states = self.context.gather_objects(self.batches.state_dict())
-        if self.context.is_main:
-            aliases = tied_names(self.raw)
-            trainer_state = {
-                "step": self.step, "tokens": self.tokens, "elapsed_seconds": self.elapsed_seconds,
-                "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
-                "schedule": self.schedule.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
-                "rng": rng_states, "loader": loader_states, "world_size": self.context.world_size,
-                "best_val_loss": self.best_val_loss, "objective": self.objective.state_dict(),
-            }
-            summary = {"val_loss": val_loss, "train_loss": train_loss, "tokens_seen": self.tokens}
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.step, {k: v for k, v in model_state.items() if k not in aliases},
-                trainer_state, self.config_dict, extras_state=self.extras.state_dict() if len(self.extras) else None,
-                ema_state={k: v for k, v in ema_state.items() if k not in aliases} if ema_state else None,
-                model_config=self.model_config, summary=summary)
-            if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
-                self.best_val_loss = val_loss
-                ckpt.record_best(self.run_dir, self.step, val_loss)
-            ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
-        self.best_val_loss = self.context.gather_objects(self.best_val_loss)[0]
-        self._saved_step = self.step
-        return path
+        return trainer_state.save_checkpoint(self, val_loss, train_loss)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore weights, optimizer, scaler, EMA, step, RNG and data position from a checkpoint."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        path = Path(path)
-        state = ckpt.load_trainer_state(path)
-        if state["world_size"] != self.context.world_size:
-            raise UserError(f"checkpoint '{path}' was saved by {state['world_size']} processes, but this run has "
-                            f"{self.context.world_size}; resume with the same number of processes")
-        full = StateDictOptions(full_state_dict=True, strict=False)
-        weights = ckpt.load_tensors(path / "model.safetensors")
-        incompatible = set_model_state_dict(self.raw, weights, options=full)
-        missing = set(incompatible.missing_keys) - tied_names(self.raw)
-        if missing or incompatible.unexpected_keys:
-            raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
-        set_optimizer_state_dict(self._optimized, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            ema_file = path / "ema.safetensors"
-            ema_weights = ckpt.load_tensors(ema_file) if ema_file.is_file() else weights
-            self.ema.load_state_dict(_shard_like(ema_weights, self.ema.shadow), state["ema_updates"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.elapsed_before = state["elapsed_seconds"]
-        self.best_val_loss = state["best_val_loss"]
-        self.batches.load_state_dict(state["loader"][self.context.rank])
-        self.objective.load_state_dict(state.get("objective") or {})
-        if len(self.extras):
-            self.extras.load_state_dict(_shard_like(ckpt.load_tensors(path / ckpt.EXTRAS_FILE), self.extras.state_dict()))
-        _set_rng_state(state["rng"][self.context.rank])
-        self._horizon = self.config.max_steps or max(self.step + 1, self.config.warmup_steps)
-        self._saved_step = self.step
+        """Restore weights, optimizer, scaler, EMA, objective state, step, RNG and data position."""
+        trainer_state.load_checkpoint(self, path)
 
     def export_model(self, directory: str | Path) -> None:
         """Write the weights evaluation uses (EMA if on) as model.safetensors + config.json."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        ema = self.ema.applied(self.raw) if self.ema is not None else contextlib.nullcontext()
-        with ema:
-            weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            weights = {name: tensor.clone() for name, tensor in weights.items()}
-        if self.context.is_main:
-            aliases = tied_names(self.raw)
-            ckpt.export_model(directory, {k: v for k, v in weights.items() if k not in aliases}, self.model_config)
-        self.context.barrier()
+        trainer_state.export_model(self, directory)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -526,46 +451,7 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
         module.gradient_checkpointing = True
 
 
-def _shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors laid out like `like` (sharded DTensors under FSDP, plain tensors otherwise)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    out = {}
-    for name, reference in like.items():
-        if isinstance(reference, DTensor):
-            out[name] = distribute_tensor(full[name].to(reference.device_mesh.device_type),
-                                          reference.device_mesh, reference.placements)
-        else:
-            out[name] = full[name].to(reference.device)
-    return out
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        # numpy's key array becomes a list, so the state loads with weights_only=True.
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(_as_tuple(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-
-
-def _as_tuple(value: Any) -> Any:
-    """random.setstate needs tuples; a round trip through a checkpoint may give lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
