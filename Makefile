@@ -25,6 +25,7 @@ test: setup
 	$(PY) -m pytest -q --timeout=900
 
 bench: setup
+	$(PIP) install -q --disable-pip-version-check -e ".[test,bench]"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

@@ -35,9 +35,10 @@ def _run(optimizer_cls, steps: int = 7, **kwargs) -> tuple[nn.Module, torch.opti
     return model, optimizer
 
 
-def test_adamw_is_bit_identical_to_torch():
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adamw_is_bit_identical_to_torch(foreach):
     kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    ours, ours_optimizer = _run(AdamW, **kwargs)
+    ours, ours_optimizer = _run(AdamW, foreach=foreach, **kwargs)
     reference, reference_optimizer = _run(torch.optim.AdamW, foreach=False, **kwargs)
     for a, b in zip(ours.parameters(), reference.parameters()):
         assert torch.equal(a, b)

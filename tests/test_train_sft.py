@@ -106,6 +106,9 @@ def test_a_packed_batch_has_exactly_the_loss_of_its_examples_alone():
         alone = SFTBatches(examples, batch_size=1, seq_len=32, packing=False, shuffle=False)
         separate = sum(objective(model, batch).loss for batch in alone.iter_fixed())
     assert sum(objective.units(b) for b in packed.iter_fixed()) == sum(sum(e.mask[1:]) for e in examples)
+    # Throughput counts real tokens, not the padding at the end of each row.
+    batch = next(packed.iter_fixed())
+    assert objective.tokens(batch) == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
     torch.testing.assert_close(packed_loss, separate, atol=1e-4, rtol=1e-5)
 
 

@@ -44,12 +44,18 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     return ParameterCount(embedding + non_embedding, embedding, non_embedding)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """FLOPs per token for one forward (training=False) or forward+backward (training=True)."""
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True, head_fraction: float = 1.0) -> float:
+    """FLOPs per token for one forward (training=False) or forward+backward (training=True).
+
+    head_fraction: the share of tokens the output layer runs on (SFT runs it on the trained
+    tokens only, see GPT.forward's logits_mask); 1 = every token.
+    """
     counts = count_parameters(config)
     active = counts.non_embedding
     if config.tie_embeddings:
         active += config.vocab_size * config.d_model        # the tied head still does a matmul
+    if config.arch == "gpt":
+        active -= (1 - head_fraction) * config.vocab_size * config.d_model
     if config.n_experts:
         # Only top_k of n_experts MLPs run per token.
         up_width = 2 * config.d_ff if config.mlp == "swiglu" else config.d_ff

@@ -160,6 +160,11 @@ class TokenPrediction(Objective):
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Real tokens: padding (attention_mask 0) does not count toward tokens/s."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else super().tokens(batch)
+
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         labels = batch["labels"]
         predicted = labelled_positions(labels)

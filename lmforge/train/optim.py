@@ -24,12 +24,18 @@ from .config import TrainConfig
 
 
 class AdamW(torch.optim.Optimizer):
+    """foreach=True (the default) applies each line of the update above to all of a group's
+    tensors in one call (torch._foreach_*), instead of one Python iteration and a dozen small
+    kernels per parameter: the same element-wise operations in the same order, so the same bits,
+    at a fraction of the overhead on models with hundreds of parameter tensors."""
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, foreach: bool = True) -> None:
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> torch.Tensor | None:
@@ -38,30 +44,47 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
+            params = [param for param in group["params"] if param.grad is not None]
+            for param in params:
                 state = self.state[param]
                 if not state:
                     # A float tensor step, as in torch, so the two optimizers' states are interchangeable.
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                step = state["step"].item()
-
-                param.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1 ** step
-                bias_correction2 = 1 - beta2 ** step
-                denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            if self.foreach:
+                # One foreach call needs tensors of one device and dtype, and the bias corrections
+                # need one step count: parameters that skipped steps (no grad) count fewer.
+                batches: dict[tuple, list[torch.Tensor]] = {}
+                for param in params:
+                    key = (param.device, param.dtype, self.state[param]["step"].item())
+                    batches.setdefault(key, []).append(param)
+                for (_, _, step), batch in batches.items():
+                    self._update(group, batch, step)
+            else:
+                for param in params:
+                    self._update(group, [param], self.state[param]["step"].item())
         return loss
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], step: float) -> None:
+        """The AdamW update of the module docstring for `params`, which share one step count."""
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        grads = [param.grad for param in params]
+        exp_avgs = [self.state[param]["exp_avg"] for param in params]
+        exp_avg_sqs = [self.state[param]["exp_avg_sq"] for param in params]
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2 ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

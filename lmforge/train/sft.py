@@ -123,7 +123,9 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         evaluation = SFTEvaluation(config, tokenizer, data, context)
         trainer = Trainer(model.float(), SFTObjective(), data.train, config, run_dir=session.run_dir,
                           context=context, evaluate=evaluation, tracker=tracker, progress=progress,
-                          flops_per_token=flops_per_token(model.config, config.seq_len), config_dict=config_dict)
+                          flops_per_token=flops_per_token(model.config, config.seq_len,
+                                                          head_fraction=data.trained_tokens / data.train_tokens),
+                          config_dict=config_dict)
         evaluation.trainer = trainer
         if context.is_main:
             _print_plan(config, data, count_parameters(model.config).total, context.world_size, resume_from)
