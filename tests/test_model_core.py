@@ -162,7 +162,9 @@ def test_rope_pairings_are_a_permutation_of_each_other():
 
 def test_alibi_slopes_follow_the_paper():
     assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
-    assert alibi_slopes(6).shape == (6,)
+    # Not a power of two: the 4 slopes of 4 heads, then every other slope of 8 heads (the paper's rule).
+    four, eight = [2.0 ** (-2 * (i + 1)) for i in range(4)], [2.0 ** -(i + 1) for i in range(8)]
+    assert torch.allclose(alibi_slopes(6), torch.tensor(four + eight[0::2][:2]))
 
 
 def test_sliding_window_limits_reach():

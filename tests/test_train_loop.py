@@ -104,7 +104,8 @@ def test_masked_lm_objective_trains_bert(tmp_path):
     result = Trainer(model, MaskedLMObjective(), _MaskedRepeats(8, 16), _config(max_steps=40, lr=5e-3, log_interval=10),
                      run_dir=tmp_path, evaluate=evaluate).fit()
     assert result.eval_metrics["val_loss"] < before["val_loss"] - 0.4
-    assert 0.0 <= result.eval_metrics["val_mlm_accuracy"] <= 1.0
+    # The masked-token accuracy rose with the loss falling (random init: about 1 / vocabulary).
+    assert result.eval_metrics["val_mlm_accuracy"] > before["val_mlm_accuracy"] + 0.01
 
 
 def test_objectives_return_sums_over_predicted_tokens():
@@ -191,7 +192,10 @@ def test_time_budget_stops_cleanly_with_eval_and_checkpoint(tmp_path):
     result = Trainer(tiny_gpt(), CausalLMObjective(), CountingBatches(4, 16), config, run_dir=tmp_path,
                      evaluate=_evaluate).fit()
     assert result.stop_reason == "time_budget"
-    assert 1.2 <= result.elapsed_seconds < 10 and result.step > 1
+    # The budget is 1.2 s; the run stops at the first step boundary past it (however loaded the machine).
+    assert result.elapsed_seconds >= 1.2 and result.step > 1
+    step_rows = [row for row in result.history if "elapsed_s" in row]
+    assert step_rows[-1]["elapsed_s"] >= 1.2
     assert "val_loss" in result.eval_metrics and result.history[-1]["step"] == result.step
     assert list_checkpoints(tmp_path)[-1][0] == result.step
     # The schedule decayed toward min_lr as the budget ran out (its horizon was estimated).

@@ -1,6 +1,7 @@
 """AdamW from scratch vs torch, parameter groups, LR schedules, EMA."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from lmforge.train.config import TrainConfig
 from lmforge.train.ema import EMA
-from lmforge.train.optim import AdamW, build_optimizer, parameter_groups
+from lmforge.train.optim import AdamW, build_optimizer, clip_grad_norm, parameter_groups
 from lmforge.train.schedule import LRSchedule
 
 from train_support import tiny_bert, tiny_gpt
@@ -52,12 +53,32 @@ def test_adamw_is_bit_identical_to_torch(foreach):
 
 
 def test_adamw_state_loads_into_torch_and_back():
-    _, ours_optimizer = _run(AdamW, steps=3, lr=1e-2)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
-              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
-    torch.optim.AdamW(groups, lr=1e-2).load_state_dict(ours_optimizer.state_dict())
+    """Our state continues in torch's AdamW (and torch's in ours) exactly as it would in its own."""
+    def continue_with(optimizer_cls, source_model, source_optimizer, steps: int = 3):
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        model.load_state_dict(source_model.state_dict())
+        groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+                  {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+        kwargs = {"foreach": False} if optimizer_cls is torch.optim.AdamW else {}
+        optimizer = optimizer_cls(groups, lr=1e-2, betas=(0.9, 0.95), **kwargs)
+        # A deep copy: load_state_dict keeps the given tensors, which the steps below change in place.
+        optimizer.load_state_dict(copy.deepcopy(source_optimizer.state_dict()))
+        data = torch.Generator().manual_seed(2)
+        for _ in range(steps):
+            model(torch.randn(4, 5, generator=data)).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model
+
+    ours_model, ours_optimizer = _run(AdamW, steps=3, lr=1e-2, betas=(0.9, 0.95))
+    in_torch = continue_with(torch.optim.AdamW, ours_model, ours_optimizer)
+    in_ours = continue_with(AdamW, ours_model, ours_optimizer)
+    for a, b in zip(in_torch.parameters(), in_ours.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(in_ours[0].weight, ours_model[0].weight)        # the steps did move it
+    torch_model, torch_optimizer = _run(torch.optim.AdamW, steps=3, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for a, b in zip(continue_with(AdamW, torch_model, torch_optimizer).parameters(), in_ours.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_fused_adamw_matches_closely():
@@ -131,3 +152,26 @@ def test_ema_follows_its_formula_and_swaps_for_evaluation():
     with ema.applied(model):
         torch.testing.assert_close(model.weight.detach(), expected)
     assert torch.equal(model.weight.detach(), raw)                       # the training weights are back
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3, 0.0])
+def test_global_norm_clipping_equals_torch(max_norm):
+    def grads(seed: int) -> list[nn.Parameter]:
+        generator = torch.Generator().manual_seed(seed)
+        params = [nn.Parameter(torch.zeros(shape)) for shape in ((3, 4), (7,), (2, 2, 2))]
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator) * 3
+        return params
+
+    ours, reference = grads(0), grads(0)
+    norm = clip_grad_norm(ours, max_norm)
+    expected = (torch.nn.utils.clip_grad_norm_(reference, max_norm) if max_norm > 0
+                else torch.nn.utils.get_total_norm([p.grad for p in reference]))
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a.grad, b.grad)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours]))
+    if max_norm == 0.5:
+        torch.testing.assert_close(after, torch.tensor(0.5), atol=1e-4, rtol=0)   # clipped to max_norm
+    else:
+        torch.testing.assert_close(after, norm)                                  # left as it was

@@ -113,7 +113,7 @@ class SFTBatches:
     """A resumable batch source over chat examples (lmforge.train's BatchSource protocol).
 
     Batches: input_ids, labels, attention_mask [B, T]; packed ones also position_ids and
-    document_ids [B, T] (-1 on padding). T = seq_len when packing, else the batch's longest.
+    document_ids [B, T] (-1 on padding). T is the batch's longest row (<= seq_len).
     """
 
     def __init__(self, examples: Sequence[ChatExample], batch_size: int, seq_len: int, *, packing: bool = True,
@@ -167,8 +167,9 @@ class SFTBatches:
         return order[:usable][self.rank::self.world_size]
 
     def collate(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Rows of example indices -> a batch of [B, T] LongTensors."""
-        width = self.seq_len if self.packing else max(len(self.examples[row[0]].ids) for row in rows)
+        """Rows of example indices -> a batch of [B, T] LongTensors, T = the longest row's tokens
+        (never more than seq_len): padding costs as much compute as real tokens."""
+        width = max(sum(len(self.examples[index].ids) for index in row) for row in rows)
         shape = (len(rows), width)
         batch = {"input_ids": torch.full(shape, self.pad_id, dtype=torch.long),
                  "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),

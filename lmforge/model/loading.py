@@ -148,7 +148,7 @@ def _locate_model_directory(directory: Path) -> ModelSource:
 
 def _locate_run(run_dir: Path) -> ModelSource:
     """A run directory: its best checkpoint (best.json), else its latest, else its final export."""
-    from ..train.checkpoint import list_checkpoints, read_best
+    from ..rundir import list_checkpoints, read_best
 
     best = read_best(run_dir)
     checkpoints = dict(list_checkpoints(run_dir))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,35 +31,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io import apply_default_modes, atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..io import apply_default_modes, atomic_path, write_text_atomic
+from ..rundir import (BEST_FILE, CHECKPOINTS, EXTRAS_FILE, latest_checkpoint, list_checkpoints,  # noqa: F401
+                      read_best, record_best, step_dir_name)
 
-CHECKPOINTS = "checkpoints"
-BEST_FILE = "best.json"
-EXTRAS_FILE = "extras.safetensors"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint of the run, oldest first."""
-    directory = Path(run_dir) / CHECKPOINTS
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,11 +92,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
-    """Delete temporary directories left by a save that was killed."""
+    """Delete what a killed save left behind: temporary checkpoint directories, and the temporary
+    files of atomic writes in the run directory (`.model.safetensors.XXXX.tmp`, up to the model's size)."""
     directory = Path(run_dir) / CHECKPOINTS
     if directory.is_dir():
         for path in directory.glob(f"{_TEMP_PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)
+    for path in Path(run_dir).glob(".*.tmp"):        # lmforge.io.atomic_path's naming
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _corrupt(path: Path, error: BaseException | str) -> UserError:
@@ -159,16 +138,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise _corrupt(path, error) from None
-
-
-def read_best(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(run_dir) / BEST_FILE
-    return read_json(path, "best-checkpoint record") if path.is_file() else None
-
-
-def record_best(run_dir: str | os.PathLike, step: int, val_loss: float) -> None:
-    write_json_atomic(Path(run_dir) / BEST_FILE,
-                      {"step": step, "val_loss": val_loss, "checkpoint": f"{CHECKPOINTS}/{step_dir_name(step)}"})
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:

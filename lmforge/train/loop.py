@@ -45,7 +45,7 @@ from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_
                           wrap_data_parallel)
 from .ema import EMA
 from .objectives import MetricSums, Objective
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_grad_norm
 from .schedule import LRSchedule
 from .throughput import memory_gb, peak_flops, resolve_precision
 
@@ -100,7 +100,8 @@ class Trainer:
         evaluate: called as evaluate(model) inside torch.no_grad, eval mode, autocast and the EMA
             weights; returns metrics (summed over processes by the callable itself). "val_loss",
             if present, selects the best checkpoint.
-        hooks: objects with optional methods on_step_end(trainer, step, row) and
+        hooks: objects with optional methods on_train_start(trainer) (after a resume has restored
+            the checkpoint, before the first step), on_step_end(trainer, step, row) and
             on_train_end(trainer, step); e.g. periodic samples (use trainer.eval_model()).
         tracker: a lmforge.track.Tracker (or None for no logs).
         progress: a lmforge.track.TrainProgress (or None).
@@ -188,8 +189,11 @@ class Trainer:
             self._time_up = budget is not None and self.elapsed_before >= budget * 60
         else:
             _seed_everything(self.config.seed + self.context.rank)
-            if self.config.eval_at_start and self.evaluate is not None:
-                self._log(self.run_evaluation())      # the starting point, as step 0
+        for hook in self.hooks:
+            if hasattr(hook, "on_train_start"):
+                hook.on_train_start(self)
+        if resume_from is None and self.config.eval_at_start and self.evaluate is not None:
+            self._log(self.run_evaluation())          # the starting point, as step 0
         if self.context.is_main:
             ckpt.remove_stale_temporaries(self.run_dir)
         self._session_start = time.perf_counter()
@@ -288,10 +292,7 @@ class Trainer:
 
         self.scaler.unscale_(self.optimizer)
         parameters = [p for p in self.trainable_parameters() if p.grad is not None]
-        if config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        grad_norm = clip_grad_norm(parameters, config.grad_clip)     # grad_clip 0: only measured
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

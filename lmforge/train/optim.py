@@ -87,6 +87,31 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of all gradients: sqrt(sum over tensors of ||g||^2), as one scalar.
+
+    One foreach call gives each tensor's norm; the norm of those norms is the global one. Under
+    FSDP the gradients are sharded DTensors, and the same two lines reduce over the shards.
+    """
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients by min(1, max_norm / global norm), in place; returns the norm before.
+
+    Clipping the *global* norm keeps the update's direction (every gradient shrinks by the same
+    factor); the 1e-6 keeps a zero gradient finite. Equal to torch.nn.utils.clip_grad_norm_ (tested).
+    """
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total = grad_norm(grads)
+    if max_norm > 0 and grads:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, scale.to(grads[0].device))
+    return total
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: matrices decay; norms, biases and embeddings do not.
 

@@ -55,7 +55,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
         config.validate()
         check_precision(config, context)
         session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume()
+        resume_from = session.checkpoint_to_resume(config)
 
         torch.manual_seed(config.seed)        # the same initial weights in every process
         model = build_model(config.model)

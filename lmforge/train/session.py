@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import save_config
+from ..config import save_config, to_dict
 from ..errors import UserError
 from ..io import ensure_writable_dir
 from . import checkpoint as ckpt
@@ -35,6 +35,8 @@ class RunSession:
         self.context: DistributedContext | None = None
         self.tracker: Any = None
         self.progress: Any = None
+        self.resume_from: Path | None = None
+        self._pending_config: Any = None
         self._created_run_dir = False   # this invocation made run_dir (it then owns it)
         self._training = False          # set-up is over: from here on the run's files are kept
 
@@ -62,12 +64,20 @@ class RunSession:
             self._created_run_dir = not self.run_dir.exists()
             ensure_writable_dir(self.run_dir, option="out_dir=PATH (or name=NAME)")
 
-    def checkpoint_to_resume(self) -> Path | None:
-        """The latest checkpoint with --resume; without it, a run that has checkpoints is refused."""
+    def checkpoint_to_resume(self, config: Any = None) -> Path | None:
+        """The latest checkpoint with --resume; without it, a run that has checkpoints is refused.
+
+        With `config`, a resume is checked against the config the checkpoint was saved with: a
+        change that would alter the run (the model, the data, batch or sequence size, the
+        optimizer) is refused, naming the keys; a safe one (limits, intervals, logging) is said.
+        """
         latest = ckpt.latest_checkpoint(self.run_dir)
         if self.resume:
             if latest is None and self.is_main:
                 print(f"no checkpoint in '{self.run_dir}' yet: starting the run from step 0", file=sys.stderr)
+            if latest is not None and config is not None:
+                check_resume_config(latest, to_dict(config), announce=self.is_main)
+            self.resume_from = latest
             return latest
         if latest is not None:
             raise UserError(f"run directory '{self.run_dir}' already has checkpoints; continue it with --resume, "
@@ -75,8 +85,14 @@ class RunSession:
         return None
 
     def save_config(self, config: Any) -> None:
-        if self.is_main:
+        """config.yaml (rank 0). On a resume it is written only once the checkpoint has been restored,
+        so a resume that fails leaves the run's config as it was."""
+        if not self.is_main:
+            return
+        if self.resume_from is None:
             save_config(config, self.run_dir / "config.yaml")
+        else:
+            self._pending_config = config
 
     def start_tracking(self, config_dict: dict[str, Any], resume_from: Path | None) -> tuple[Any, Any]:
         """The run's tracker (metrics.jsonl, TensorBoard, W&B) and progress bar."""
@@ -97,7 +113,60 @@ class RunSession:
     def fit(self, trainer: Any, resume_from: Path | None) -> Any:
         """Train; from here on a failure keeps the run directory (it holds logs and checkpoints)."""
         self._training = True
+        trainer.hooks.append(self)        # on_train_start: the deferred config.yaml of a resume
         result = trainer.fit(resume_from=resume_from)
         if self.progress is not None:
             self.progress.close()
         return result
+
+    def on_train_start(self, trainer: Any) -> None:
+        if self._pending_config is not None:
+            save_config(self._pending_config, self.run_dir / "config.yaml")
+            self._pending_config = None
+
+
+# Keys a resume may change: when and how much to train, evaluate, log and keep. Anything else
+# (model, data, batch and sequence sizes, optimizer, schedule, precision, seed) would make the
+# resumed run a different run, so --resume refuses it.
+SAFE_TO_CHANGE = frozenset({
+    "max_steps", "max_minutes", "log_interval", "eval_interval", "eval_batches", "eval_at_start",
+    "checkpoint_interval", "keep_last", "progress", "tensorboard", "wandb", "wandb_project", "peak_flops",
+    "device", "out_dir", "compile", "activation_checkpointing", "sample_interval", "sample_prompt",
+    "sample_tokens", "temperature", "top_k", "eval_prompts", "answer_tokens", "sample_count",
+})
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(checkpoint: Path, config: dict[str, Any], announce: bool = True) -> list[str]:
+    """Compare a resume's config with the checkpoint's config.yaml; returns the changed safe keys."""
+    import yaml
+
+    saved_file = checkpoint / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    try:
+        saved = _flatten(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as error:
+        raise UserError(f"checkpoint config '{saved_file}' is unreadable ({error}); resume from another "
+                        "checkpoint or start a new run with name=NEW_NAME") from None
+    new = _flatten(config)
+    changed = sorted(key for key in set(saved) | set(new) if saved.get(key) != new.get(key))
+    refused = [key for key in changed if key.split(".")[0] not in SAFE_TO_CHANGE]
+    if refused:
+        described = ", ".join(f"{key} {saved.get(key)!r} -> {new.get(key)!r}" for key in refused[:6])
+        raise UserError(f"--resume refused: {described} differ from the checkpoint '{checkpoint.name}', which would "
+                        "make it a different run; resume with the run's own settings, or start a new run with "
+                        "name=NEW_NAME")
+    if changed and announce:
+        print("resuming with " + ", ".join(f"{key} {saved.get(key)!r} -> {new.get(key)!r}" for key in changed),
+              file=sys.stderr)
+    return changed

@@ -113,7 +113,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         started = time.perf_counter()
         data = prepare_sft_data(config, tokenizer, context.rank, context.world_size)
         session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume()
+        resume_from = session.checkpoint_to_resume(config)
 
         config_dict = to_dict(config)
         session.save_config(config)

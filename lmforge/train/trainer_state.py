@@ -40,6 +40,12 @@ def save_checkpoint(trainer: "Trainer", val_loss: float | None, train_loss: floa
                  if trainer.ema is not None else None)
     rng_states = trainer.context.gather_objects(rng_state())
     loader_states = trainer.context.gather_objects(trainer.batches.state_dict())
+    # This step's own validation counts before the state is written: a checkpoint that stored the
+    # best loss of the steps before it would, once resumed, let a worse checkpoint become "best"
+    # and the true best be pruned.
+    is_best = val_loss is not None and (trainer.best_val_loss is None or val_loss < trainer.best_val_loss)
+    if is_best:
+        trainer.best_val_loss = val_loss
     if trainer.context.is_main:
         aliases = tied_names(trainer.raw)
         state = {
@@ -55,8 +61,7 @@ def save_checkpoint(trainer: "Trainer", val_loss: float | None, train_loss: floa
             state, trainer.config_dict, extras_state=trainer.extras.state_dict() if len(trainer.extras) else None,
             ema_state={k: v for k, v in ema_state.items() if k not in aliases} if ema_state else None,
             model_config=trainer.model_config, summary=summary)
-        if val_loss is not None and (trainer.best_val_loss is None or val_loss < trainer.best_val_loss):
-            trainer.best_val_loss = val_loss
+        if is_best:
             ckpt.record_best(trainer.run_dir, trainer.step, val_loss)
         ckpt.prune_checkpoints(trainer.run_dir, trainer.config.keep_last)
     trainer.best_val_loss = trainer.context.gather_objects(trainer.best_val_loss)[0]
