@@ -113,3 +113,65 @@ def test_top_logprobs_are_the_k_most_likely_tokens_of_the_raw_distribution():
     assert torch.equal(ids, expected.indices) and torch.allclose(values, expected.values)
     with pytest.raises(UserError, match="top_logprobs must be an integer from 0 to 20"):
         SamplingParams(top_logprobs=21).validate()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(top_k=2**63), "top_k must be an integer from 0 (off) to 2147483647"),
+    (dict(top_k=-1), "top_k must be an integer"),
+    (dict(top_k=5.0), "top_k must be an integer"),
+    (dict(temperature=float("inf")), "temperature must be a finite number in [0, 100]"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=1e39), "temperature must be in [0, 100]"),
+    (dict(temperature=10**400), "temperature must be a finite number"),
+    (dict(temperature="hot"), "temperature must be a number"),
+    (dict(temperature=True), "temperature must be a number"),
+    (dict(repetition_penalty=1e39), "repetition_penalty must be in [0.01, 100]"),
+    (dict(repetition_penalty=1e-39), "repetition_penalty must be in [0.01, 100]"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (dict(frequency_penalty=1e39), "frequency_penalty must be in [-100, 100]"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be a finite number"),
+    (dict(presence_penalty=-1e39), "presence_penalty must be in [-100, 100]"),
+    (dict(presence_penalty=float("-inf")), "presence_penalty must be a finite number"),
+    (dict(top_p=float("nan")), "top_p must be a finite number in (0, 1]"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(min_p=float("inf")), "min_p must be a finite number in [0, 1]"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be a positive integer"),
+    (dict(seed=2**64), "seed must be an integer between"),
+    (dict(seed=1.5), "seed must be an integer between"),
+    (dict(stop=[3]), "stop must be a list of non-empty strings"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must be token ids"),
+    (dict(ignore_eos="yes"), "ignore_eos must be true or false"),
+    (dict(top_logprobs=-1), "top_logprobs must be an integer from 0 to 20"),
+])
+def test_every_sampling_value_is_checked_at_the_boundary(settings, message):
+    """Values that are not finite, out of range or of the wrong type are one clear UserError, never a
+    failure later inside the shared decode step (a float32 row tensor cannot hold 1e39, an int64 one 2**63)."""
+    with pytest.raises(UserError) as caught:
+        SamplingParams(**settings).validate()
+    assert message in str(caught.value)
+    assert str(caught.value).endswith("; fix the sampling settings")
+
+
+def test_values_are_normalised_and_top_k_is_clamped_to_the_vocabulary():
+    params = SamplingParams(temperature=1, repetition_penalty=2, top_k=10**6, top_p=1).validate()
+    assert isinstance(params.temperature, float) and isinstance(params.repetition_penalty, float)
+    assert SamplingParams(temperature=1e-7).validate().greedy     # below MIN_TEMPERATURE: greedy, not logits / 1e-7
+    logits = torch.randn(2, V)
+    sampler = BatchSampler(2, V)
+    for row, settings in enumerate([dict(top_k=10**6), dict(top_k=0)]):
+        sampler.assign(row, SamplingParams(temperature=1.0, **settings).validate(), [], seed=0)
+    assert sampler.top_k.tolist() == [V, 0]                        # k >= V keeps every token, as off does
+    both, _, _ = sampler.sample(logits[[0, 0]], torch.arange(2), [0, 1])
+    assert both[0] == both[1]                                      # same seed, same draw: clamped k = off
+
+
+def test_generator_states_put_seeded_draws_back():
+    params = SamplingParams(temperature=1.0, seed=5).validate()
+    sampler = sampler_with([params, SamplingParams(temperature=1.0).validate(), SamplingParams()], [])
+    saved = sampler.generator_states([0, 1, 2])
+    assert list(saved) == [0]                                      # only seeded, sampled rows promise anything
+    logits = torch.randn(1, V)
+    first = sampler.sample(logits, torch.tensor([0]), [0])[0]
+    sampler.restore_generators(saved)
+    assert torch.equal(sampler.sample(logits, torch.tensor([0]), [0])[0], first)

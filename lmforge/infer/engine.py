@@ -13,26 +13,35 @@ The KV cache has `max_batch_size` rows. Each request ("sequence") owns one row w
     3. sample all next tokens at once, stream their text, and free the rows of finished sequences.
 
 Sequences join and leave between steps (continuous batching), so a short request never waits for
-a long one. `generate` and `stream` just call `step()` until their sequences finish; the HTTP
-server calls it from one background thread (lmforge/serve/scheduler.py). `step()` holds a lock,
-so several threads may stream from one engine at once: whoever steps advances everyone.
+a long one. Free rows go to the request ("group") holding the fewest rows (scheduling.py), so a
+request with many prompts cannot hold every row while another waits. `generate` and `stream`
+just call `step()` until their sequences finish; the HTTP server calls it from one background
+thread (lmforge/serve/scheduler.py). `step()` holds a lock, so several threads may stream from
+one engine at once: whoever steps advances everyone.
+
+An exception while assigning, prefilling, sampling or accepting one row ends that sequence alone
+(finish_reason "error"; its consumer gets a GenerationError). Only a failed decode forward, which
+touches every row, propagates out of `step()`.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import itertools
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
-from ..errors import ContextLengthError, UserError
+from ..errors import UserError
 # The tokenizer layer owns the stop tokens (SFT masks use them too); re-exported here.
 from ..tokenizer.chat_template import END_TOKENS, default_stop_token_ids, render_chat_ids  # noqa: F401
+# Request bookkeeping lives in requests.py; these names stay importable from here.
+from .requests import EngineStats, GenerationError, GenerationResult, Sequence, prepare_prompt  # noqa: F401
 from .sampling import BatchSampler, SamplingParams
+from .scheduling import FairQueue
 from .static_decode import StaticDecodeStep
 from .text import TextStream
 
@@ -41,62 +50,7 @@ CONTEXT_POLICIES = ("truncate_left", "error")
 # 8192) would need gigabytes for a full batch, so the served context is capped unless asked.
 DEFAULT_MAX_SEQ_LEN = 2048
 
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]                 # generated tokens, without a final stop token
-    logprobs: list[float] | None         # log p(token) for each of token_ids, when asked for
-    top_logprobs: list[list[tuple[int, float]]] | None   # per token: the k most likely (id, log p), when asked for
-    finish_reason: str                   # "stop" (stop token or string) | "length" (max_new_tokens or context)
-                                         # ("cancelled" / "error" only reach the server's own handlers)
-    prompt_tokens: int                   # after any left truncation
-    completion_tokens: int               # every sampled token, a final stop token included
-
-
-@dataclass
-class EngineStats:
-    """Running totals, for /health, benchmarks and tests."""
-
-    steps: int = 0
-    prompt_tokens: int = 0           # prefilled
-    generated_tokens: int = 0        # sampled
-    cancelled: int = 0               # sequences dropped because their consumer went away
-    peak_running: int = 0            # most sequences decoded together in one forward
-    compile_seconds: float = 0.0     # start-up cost of the compiled decode step
-
-
-@dataclass
-class Sequence:
-    """One request moving through the engine. Its fields are written only by the stepping thread."""
-
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    text: TextStream
-    seed: int
-    on_update: Callable[["Sequence"], None] | None = None   # called after each step that changed it
-    row: int | None = None               # KV-cache row while running
-    next_token: int | None = None        # sampled but not yet fed to the model
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    cancelled: bool = False
-    deltas: collections.deque = field(default_factory=collections.deque)   # text not yet consumed
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(text=self.text.text, token_ids=list(self.token_ids),
-                                logprobs=list(self.logprobs) if self.params.logprobs else None,
-                                top_logprobs=list(self.top_logprobs) if self.params.top_logprobs else None,
-                                finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt_ids),
-                                completion_tokens=self.completion_tokens)
+log = logging.getLogger("lmforge.infer")
 
 
 class Engine:
@@ -132,7 +86,8 @@ class Engine:
         self.sampler = BatchSampler(max_batch_size, model.config.vocab_size, self.device)
         self.end_token_ids = default_stop_token_ids(tokenizer)
         self.slots: list[Sequence | None] = [None] * max_batch_size
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting = FairQueue()
+        self._running_groups: collections.Counter = collections.Counter()   # group -> rows it holds
         self.stats = EngineStats()
         self.static_step = None
         if compile:
@@ -143,21 +98,29 @@ class Engine:
             self.stats.compile_seconds = time.perf_counter() - start
         self._lock = threading.RLock()
         self._ids = itertools.count()
+        self._groups = itertools.count(1)
 
     # ----------------------------------------------------------------------------- public API
 
     def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
                  ) -> list[GenerationResult]:
-        """Generate for several prompts (text or token ids) at once, in one batch."""
+        """Generate for several prompts (text or token ids) at once, in one batch (one group).
+
+        Raises GenerationError if generating any of them failed inside the engine."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        sequences = [self.submit(prompt, params) for prompt in prompts]
+        group = self.new_group()
+        sequences: list[Sequence] = []
         try:
+            for prompt in prompts:
+                sequences.append(self.submit(prompt, params, group=group))
             while not all(sequence.finished for sequence in sequences):
                 self.step()
         finally:
-            for sequence in sequences:
+            for sequence in sequences:   # also those queued before a later prompt was refused
                 self.cancel(sequence)
+        for sequence in sequences:
+            sequence.raise_if_failed()
         return [sequence.result() for sequence in sequences]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
@@ -172,9 +135,16 @@ class Engine:
         prompt_ids, _ = render_chat_ids(self.tokenizer, messages, add_generation_prompt=True)
         return self.stream(prompt_ids, params)
 
+    def new_group(self) -> int:
+        """A fresh group id: pass it to `submit` for every sequence of one request."""
+        return next(self._groups)
+
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               on_update: Callable[[Sequence], None] | None = None) -> Sequence:
-        """Queue a request; it starts at the next `step()`. Raises UserError for bad input."""
+               on_update: Callable[[Sequence], None] | None = None, group: Hashable | None = None) -> Sequence:
+        """Queue a request; it starts at a later `step()`. Raises UserError for bad input.
+
+        Sequences of one `group` (a request's prompts and choices) share the rows the fair
+        scheduler gives that group; without one, the sequence is a group of its own."""
         params = (params or SamplingParams()).validate()
         prompt_ids = self.prepare_prompt(prompt, params.max_new_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
@@ -182,7 +152,8 @@ class Engine:
         if not params.ignore_eos:
             stop_ids |= self.end_token_ids
         sequence = Sequence(id=next(self._ids), prompt_ids=prompt_ids, params=params, stop_ids=stop_ids,
-                            text=TextStream(self.tokenizer, prompt_ids, params.stop), seed=seed, on_update=on_update)
+                            text=TextStream(self.tokenizer, prompt_ids, params.stop), seed=seed, on_update=on_update,
+                            group=self.new_group() if group is None else group)
         with self._lock:
             self.waiting.append(sequence)
         return sequence
@@ -192,12 +163,15 @@ class Engine:
         sequence.cancelled = True
 
     def stream_sequence(self, sequence: Sequence) -> Iterator[str]:
-        """Yield the text of a submitted sequence as it is generated; closing the iterator cancels it."""
+        """Yield the text of a submitted sequence as it is generated; closing the iterator cancels it.
+
+        Raises GenerationError (after the text generated so far) if the sequence failed in the engine."""
         try:
             while True:
                 while sequence.deltas:
                     yield sequence.deltas.popleft()
                 if sequence.finished:
+                    sequence.raise_if_failed()
                     return
                 self.step()
         finally:
@@ -205,35 +179,8 @@ class Engine:
 
     def prepare_prompt(self, prompt: str | list[int], max_new_tokens: int) -> list[int]:
         """Tokenize and apply the context policy: the prompt plus max_new_tokens must fit the context."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise UserError("a prompt must be a string or a list of token ids; fix the prompt")
-        vocab_size = self.model.config.vocab_size
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise UserError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}); fix the token ids")
-        if not ids:
-            # An empty prompt starts a fresh document: condition on the document separator (or BOS).
-            starts = [t for t in (getattr(self.tokenizer, "eot_id", None), getattr(self.tokenizer, "bos_id", None))
-                      if isinstance(t, int)]
-            if not starts:
-                raise UserError("the prompt is empty and the tokenizer has no end-of-text or BOS token to start "
-                                "from; give a non-empty prompt")
-            ids = starts[:1]
-        budget = self.context_length - max_new_tokens
-        if budget < 1:
-            raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the context of "
-                            f"{self.context_length} tokens; lower max_new_tokens")
-        if len(ids) > budget:
-            if self.context_policy == "error":
-                raise ContextLengthError(
-                    f"the prompt has {len(ids)} tokens, but with max_new_tokens={max_new_tokens} only {budget} fit "
-                    f"in the context of {self.context_length} tokens; shorten the prompt, lower max_new_tokens, "
-                    "or use context_policy='truncate_left'", len(ids), max_new_tokens, self.context_length)
-            ids = ids[-budget:]
-        return ids
+        return prepare_prompt(self.tokenizer, prompt, max_new_tokens, self.context_length,
+                              self.model.config.vocab_size, self.context_policy)
 
     @property
     def has_work(self) -> bool:
@@ -251,59 +198,83 @@ class Engine:
         with self._lock, eval_mode(self.model):
             changed = self._drop_cancelled()
             decoding = [s for s in self.slots if s is not None and s.next_token is not None]
-            admitted = self._admit()
+            admitted, refused = self._admit()
             if admitted:
                 self._prefill(admitted)
             if decoding:
                 self._decode(decoding)
-            changed += admitted + decoding
+            changed += refused + admitted + decoding
             if admitted or decoding:
                 self.stats.steps += 1
                 self.stats.peak_running = max(self.stats.peak_running, len(decoding))
         for sequence in changed:
-            if sequence.on_update is not None:
-                sequence.on_update(sequence)
+            self._notify(sequence)
         return bool(changed)
 
-    def abort_all(self, reason: str = "error") -> None:
-        """Finish every waiting and running sequence with `reason` (after a failed step)."""
+    def abort_all(self, reason: str = "error", error: BaseException | None = None) -> None:
+        """Finish every waiting and running sequence with `reason` (after a failed step: its `error`)."""
         with self._lock:
             sequences = list(self.waiting) + [s for s in self.slots if s is not None]
             self.waiting.clear()
             for sequence in sequences:
+                sequence.error = error
                 self._finish(sequence, reason)
         for sequence in sequences:
-            if sequence.on_update is not None:
-                sequence.on_update(sequence)
+            self._notify(sequence)
+
+    def _notify(self, sequence: Sequence) -> None:
+        """Run the sequence's update callback; a callback that raises cancels its own sequence only."""
+        if sequence.on_update is None:
+            return
+        try:
+            sequence.on_update(sequence)
+        except Exception:
+            log.exception("the update callback of sequence %d failed; cancelling it", sequence.id)
+            self.cancel(sequence)
 
     def _drop_cancelled(self) -> list[Sequence]:
-        dropped = [s for s in self.waiting if s.cancelled]
-        if dropped:
-            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+        """Finish the sequences whose consumers went away (waiting or running)."""
+        dropped = self.waiting.remove_if(lambda s: s.cancelled)
         dropped += [s for s in self.slots if s is not None and s.cancelled]
         self.stats.cancelled += len(dropped)
         for sequence in dropped:
             self._finish(sequence, "cancelled")
         return dropped
 
-    def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into free rows, up to a prefill token budget per step."""
-        admitted, tokens = [], 0
+    def _admit(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Move the sequences the fair queue picks into free rows. Returns (admitted, failed to assign)."""
         free_rows = [row for row, slot in enumerate(self.slots) if slot is None]
-        while self.waiting and free_rows:
-            length = len(self.waiting[0].prompt_ids)
-            if admitted and (len(admitted) + 1) * max(tokens, length) > self.max_prefill_tokens:
-                break
-            sequence = self.waiting.popleft()
-            sequence.row = free_rows.pop(0)
-            self.slots[sequence.row] = sequence
-            self.sampler.assign(sequence.row, sequence.params, sequence.prompt_ids, sequence.seed)
+        admitted, refused = [], []
+        for sequence, row in zip(self.waiting.take(len(free_rows), self._running_groups, self.max_prefill_tokens),
+                                 free_rows):
+            try:
+                self.sampler.assign(row, sequence.params, sequence.prompt_ids, sequence.seed)
+            except Exception as error:   # e.g. a value the row tensors cannot hold: this sequence alone fails
+                self._fail(sequence, error)
+                refused.append(sequence)
+                continue
+            sequence.row = row
+            self.slots[row] = sequence
+            self._running_groups[sequence.group] += 1
             admitted.append(sequence)
-            tokens = max(tokens, length)
-        return admitted
+        return admitted, refused
 
     def _prefill(self, sequences: list[Sequence]) -> None:
-        """Run the prompts of newly admitted sequences (right-padded to the longest) and sample."""
+        """Run the prompts of newly admitted sequences (right-padded to the longest) and sample. If that
+        forward fails, each prompt is retried alone (a prefill writes only its own cache rows)."""
+        try:
+            logits, rows = self._prefill_forward(sequences)
+        except Exception as error:
+            if len(sequences) == 1:
+                self._fail(sequences[0], error)
+                return
+            log.warning("prefilling %d prompts together failed (%r); retrying them one by one", len(sequences), error)
+            for sequence in sequences:
+                self._prefill([sequence])
+            return
+        self._sample(sequences, logits, rows)
+
+    def _prefill_forward(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(len(s.prompt_ids) for s in sequences)
         ids = torch.zeros(len(sequences), longest, dtype=torch.long)
         mask = torch.zeros(len(sequences), longest, dtype=torch.long)
@@ -313,9 +284,9 @@ class Engine:
         rows = torch.tensor([s.row for s in sequences], device=self.device)
         self.cache.reset(rows)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in sequences], device=self.device)
-        self.stats.prompt_tokens += int(mask.sum())
         logits = self._forward(ids.to(self.device), mask.to(self.device), rows, last)
-        self._sample(sequences, logits, rows)
+        self.stats.prompt_tokens += int(mask.sum())
+        return logits, rows
 
     def _decode(self, sequences: list[Sequence]) -> None:
         """Feed each sequence's last sampled token and sample the next one, all rows in one forward."""
@@ -340,17 +311,35 @@ class Engine:
         return self.model.lm_head(hidden)
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor, rows: torch.Tensor) -> None:
-        row_list = [s.row for s in sequences]
-        tokens, logprobs, top = self.sampler.sample(logits, rows, row_list)
-        self.sampler.observe(rows, tokens, row_list)
-        token_list = tokens.tolist()
-        logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(sequences)
-        if top is not None:
-            top_list = [list(zip(ids, values)) for ids, values in zip(top[1].tolist(), top[0].tolist())]
-        else:
-            top_list = [None] * len(sequences)
-        for sequence, token, logprob, alternatives in zip(sequences, token_list, logprob_list, top_list):
-            self._accept(sequence, token, logprob, alternatives)
+        """Sample and accept one token per sequence; an exception fails only the sequence it comes from.
+        If the batched sampler raises, each row is sampled again alone (seeded rows get their
+        generators back first, so their draws stay reproducible) and only rows that raise alone fail."""
+        saved = self.sampler.generator_states([s.row for s in sequences])
+        try:
+            picks = self._pick(sequences, logits, rows)
+        except Exception as error:
+            if len(sequences) == 1:
+                self._fail(sequences[0], error)
+                return
+            log.warning("sampling %d rows together failed (%r); retrying them one by one", len(sequences), error)
+            self.sampler.restore_generators(saved)
+            picks = []
+            for index, sequence in enumerate(sequences):
+                try:
+                    picks += self._pick([sequence], logits[index:index + 1], rows[index:index + 1])
+                except Exception as row_error:
+                    self._fail(sequence, row_error)
+        for sequence, token, logprob, alternatives in picks:
+            try:
+                self._accept(sequence, token, logprob, alternatives)
+            except Exception as error:
+                self._fail(sequence, error)
+
+    def _pick(self, sequences: list[Sequence], logits: torch.Tensor, rows: torch.Tensor
+              ) -> list[tuple[Sequence, int, float | None, list[tuple[int, float]] | None]]:
+        """(sequence, token, its log-prob, top alternatives) for each sequence."""
+        picks = self.sampler.pick(logits, rows, [s.row for s in sequences])
+        return [(sequence, *pick) for sequence, pick in zip(sequences, picks)]
 
     def _accept(self, sequence: Sequence, token: int, logprob: float | None,
                 alternatives: list[tuple[int, float]] | None = None) -> None:
@@ -378,14 +367,25 @@ class Engine:
             sequence.next_token = token
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
-        tail = sequence.text.finish()
-        if tail:
-            sequence.deltas.append(tail)
+        if reason != "error":   # after an error the text stream may be what broke
+            tail = sequence.text.finish()
+            if tail:
+                sequence.deltas.append(tail)
         sequence.finish_reason = reason
         sequence.next_token = None
         if sequence.row is not None:
             self.slots[sequence.row] = None
             sequence.row = None
+            self._running_groups[sequence.group] -= 1
+            if self._running_groups[sequence.group] <= 0:
+                del self._running_groups[sequence.group]
+
+    def _fail(self, sequence: Sequence, error: BaseException) -> None:
+        """End one sequence after an exception inside the engine; the others keep going."""
+        log.error("sequence %d failed; ending it alone with finish_reason 'error'", sequence.id, exc_info=error)
+        sequence.error = error
+        self.stats.failed += 1
+        self._finish(sequence, "error")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ request gives the same tokens alone or batched with others.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 
@@ -20,6 +22,14 @@ from ..errors import UserError
 
 
 MAX_TOP_LOGPROBS = 20   # OpenAI's limit
+# Bounds that keep every value representable in the sampler's float32 / int64 row tensors and the
+# logits finite: a value beyond them once raised inside the shared decode step and failed every
+# request in flight, so they are refused (or clamped) here, at the request boundary.
+MAX_TOP_K = 2**31 - 1               # larger k means "off" anyway; BatchSampler clamps k to the vocabulary
+MAX_TEMPERATURE = 100.0             # softmax(logits / 100) is already close to uniform
+MIN_TEMPERATURE = 1e-5              # below this, temperature is greedy (as in vLLM); logits / t would overflow
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+ADDITIVE_PENALTY_LIMIT = 100.0      # |frequency_penalty|, |presence_penalty| (OpenAI allows 2; the server keeps that)
 
 
 @dataclass
@@ -42,30 +52,48 @@ class SamplingParams:
     top_logprobs: int = 0               # also the k most likely tokens at each step (implies logprobs)
 
     def validate(self) -> "SamplingParams":
+        """Check every value (type, finite, in range) and normalise it; raise UserError naming the first bad one.
+
+        Floats become plain floats; a positive temperature below MIN_TEMPERATURE becomes 0 (greedy).
+        """
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.top_logprobs:
+        if isinstance(self.top_logprobs, int) and not isinstance(self.top_logprobs, bool) and self.top_logprobs:
             self.logprobs = True
-        checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), not {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), not {self.top_k!r}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), not {self.repetition_penalty}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)"),
-            # torch generators take 64-bit seeds (signed or unsigned).
-            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
-             f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.top_logprobs!r}"),
-            (self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
-             f"seed must be an integer between -2**63 and 2**64 - 1, not {self.seed!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"{message}; fix the sampling settings")
+        try:
+            self._check()
+        except UserError as error:
+            raise UserError(f"{error}; fix the sampling settings") from None
         return self
+
+    def _check(self) -> None:
+        _integer("max_new_tokens", self.max_new_tokens, 1, None, "a positive integer")
+        self.temperature = _real("temperature", self.temperature, 0.0, MAX_TEMPERATURE, "(0 = greedy)")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        _integer("top_k", self.top_k, 0, MAX_TOP_K, f"an integer from 0 (off) to {MAX_TOP_K}")
+        self.top_p = _real("top_p", self.top_p, 0.0, 1.0, "(1 = off)", open_low=True)
+        self.min_p = _real("min_p", self.min_p, 0.0, 1.0, "(0 = off)")
+        low, high = REPETITION_PENALTY_RANGE
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, low, high, "(1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            setattr(self, name, _real(name, getattr(self, name), -ADDITIVE_PENALTY_LIMIT, ADDITIVE_PENALTY_LIMIT,
+                                      "(0 = off)"))
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError("stop must be a list of non-empty strings")
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise UserError("stop_token_ids must be token ids (ints >= 0)")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS,
+                 f"an integer from 0 to {MAX_TOP_LOGPROBS}")
+        # torch generators take 64-bit seeds (signed or unsigned).
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and -2**63 <= self.seed < 2**64):
+            raise UserError(f"seed must be an integer between -2**63 and 2**64 - 1, not {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -100,7 +128,7 @@ class BatchSampler:
     def assign(self, row: int, params: SamplingParams, prompt_ids: list[int], seed: int) -> None:
         self.params[row] = params
         self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k
+        self.top_k[row] = min(params.top_k, self.vocab_size)   # k >= V keeps every token: the same as off
         self.top_p[row] = params.top_p
         self.min_p[row] = params.min_p
         self.repetition[row] = params.repetition_penalty
@@ -119,6 +147,30 @@ class BatchSampler:
         if any(self.params[row].penalised for row in row_list):
             self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
             self.seen[rows, tokens] = True
+
+    def generator_states(self, row_list: list[int]) -> dict[int, torch.Tensor]:
+        """The generator states of the seeded, sampled rows (only they promise reproducible draws)."""
+        return {row: self.generators[row].get_state() for row in row_list
+                if self.params[row].seed is not None and not self.params[row].greedy}
+
+    def restore_generators(self, states: dict[int, torch.Tensor]) -> None:
+        """Put back states from `generator_states`, e.g. to sample the same rows again after a failure."""
+        for row, state in states.items():
+            self.generators[row].set_state(state)
+
+    def pick(self, logits: torch.Tensor, rows: torch.Tensor, row_list: list[int]
+             ) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+        """`sample` as Python values, one (token, log-prob, top (id, log-prob) alternatives) per row,
+        then `observe` the tokens (last, so that a failure before it leaves the counts untouched)."""
+        tokens, logprobs, top = self.sample(logits, rows, row_list)
+        token_list = tokens.tolist()
+        logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(row_list)
+        if top is not None:
+            top_list = [list(zip(ids, values)) for ids, values in zip(top[1].tolist(), top[0].tolist())]
+        else:
+            top_list = [None] * len(row_list)
+        self.observe(rows, tokens, row_list)
+        return list(zip(token_list, logprob_list, top_list))
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_list: list[int]
@@ -198,3 +250,25 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return logits
+
+
+def _integer(name: str, value: object, low: int, high: int | None, expected: str) -> None:
+    """Raise UserError unless `value` is an int (not a bool) in [low, high]."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        raise UserError(f"{name} must be {expected}, not {value!r}")
+
+
+def _real(name: str, value: object, low: float, high: float, note: str, open_low: bool = False) -> float:
+    """`value` as a float if it is a finite real number in [low, high] ((low, high] with open_low)."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise UserError(f"{name} must be a number in {interval} {note}, not {value!r}")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):   # an int beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number in {interval} {note}, not {value!r}")
+    if not (low < number <= high if open_low else low <= number <= high):
+        raise UserError(f"{name} must be in {interval} {note}, not {value!r}")
+    return number

@@ -6,7 +6,9 @@ import os
 import sys
 
 from ..cli import HelpFormatter, check_port, is_loopback
+from ..errors import UserError
 from ..infer.commands import add_model_arguments, load_engine, model_name
+from . import DEFAULT_MAX_SEQUENCES_PER_REQUEST
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +24,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY'; falls back to $LMFORGE_API_KEY; none = open")
+                        help="require 'Authorization: Bearer KEY' on every path except /health, /openapi.json "
+                             "included; the /docs and /redoc pages are then off (a browser cannot send the key). "
+                             "Falls back to $LMFORGE_API_KEY; none = open, with /docs on")
     parser.add_argument("--model-name", default=None, help="model id clients send; none = the REF's name")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV-cache rows)")
+    parser.add_argument("--max-sequences-per-request", type=int, default=DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+                        metavar="N", help="most sequences (prompts x n) one request may ask for; more get a 400. "
+                                          "Rows are shared fairly between requests either way")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to serve, and the max_tokens limit; none = min(the model's, 2048)")
     parser.set_defaults(func=run)
@@ -36,10 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     check_port(args.port)
+    if args.max_sequences_per_request < 1:
+        raise UserError(f"--max-sequences-per-request {args.max_sequences_per_request} is below 1; use 1 or more")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     name = args.model_name or model_name(args.model)
-    app = create_app(engine, name, api_key=api_key)
+    app = create_app(engine, name, api_key=api_key, max_sequences_per_request=args.max_sequences_per_request)
     if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)

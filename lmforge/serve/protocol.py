@@ -2,7 +2,9 @@
 
 Types are strict (a string where a number belongs is a 400, as with OpenAI); unknown fields are
 ignored so that newer clients keep working. `top_k`, `min_p`, `repetition_penalty` and
-`ignore_eos` are extensions that vLLM also accepts.
+`ignore_eos` are extensions that vLLM also accepts. Values are checked here, at the request
+boundary: OpenAI's ranges for its own fields, then `SamplingParams.validate` for every field
+(finite, in range), so nothing reaches the shared decode thread that could fail it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,14 @@ from ..infer.sampling import SamplingParams
 
 MAX_CHOICES = 16   # n: choices per prompt, each decoded in its own KV-cache row
 Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, answered as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 class StreamOptions(BaseModel):
@@ -44,14 +54,20 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
 
+    def choices(self) -> int:
+        """n, checked: choices per prompt."""
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            raise UserError(f"n={self.n} is out of range; ask for 1 to {MAX_CHOICES} choices")
+        return self.n or 1
+
     def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         for name, low, high in (("temperature", 0.0, 2.0), ("presence_penalty", -2.0, 2.0),
                                 ("frequency_penalty", -2.0, 2.0)):
             value = getattr(self, name)
+            # Written so that NaN fails too (every comparison with NaN is false).
             if value is not None and not low <= value <= high:
                 raise UserError(f"{name}={value} is out of range; use a value between {low} and {high}")
-        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
-            raise UserError(f"n={self.n} is out of range; ask for 1 to {MAX_CHOICES} choices")
+        self.choices()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=_default(self.temperature, 1.0), top_k=_default(self.top_k, 0),

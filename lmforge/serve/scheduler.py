@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Hashable
 
 from ..infer.engine import Engine, Sequence
 from ..infer.sampling import SamplingParams
@@ -53,10 +54,12 @@ class Scheduler:
             self._thread = None
 
     def submit(self, prompt: str | list[int], params: SamplingParams, events: asyncio.Queue,
-               index: int = 0) -> Sequence:
+               index: int = 0, group: Hashable | None = None) -> Sequence:
         """Queue a request; its text arrives as `Event`s on `events`. Call from the event loop.
 
-        Raises UserError (bad prompt, context overflow) before anything is queued.
+        `group` (from `engine.new_group()`) is shared by all the sequences of one HTTP request, so
+        the engine shares its rows fairly between requests. Raises UserError (bad prompt, context
+        overflow) before anything is queued.
         """
         loop = asyncio.get_running_loop()
 
@@ -72,7 +75,7 @@ class Scheduler:
             except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
                 self.engine.cancel(sequence)
 
-        sequence = self.engine.submit(prompt, params, on_update=on_update)
+        sequence = self.engine.submit(prompt, params, on_update=on_update, group=group)
         self.start()   # no-op when running; an app mounted inside another app gets no startup event
         self._wake.set()
         return sequence
@@ -89,6 +92,8 @@ class Scheduler:
                 continue
             try:
                 self.engine.step()
-            except Exception:  # keep serving: fail the requests in flight, not the server
+            except Exception as error:
+                # The engine fails a bad row alone; what reaches here broke the shared decode forward.
+                # Keep serving: fail the requests in flight, not the server.
                 log.exception("decode step failed; aborting the requests in flight")
-                self.engine.abort_all("error")
+                self.engine.abort_all("error", error)
