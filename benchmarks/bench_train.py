@@ -38,15 +38,16 @@ class RepeatBatch:
         pass
 
 
-def lmforge_step(config, ids: torch.Tensor, precision: str, run_dir: str, optimizer: str):
+def lmforge_step(config, ids: torch.Tensor, precision: str, run_dir: str, optimizer: str, compile: bool = False):
     train_config = TrainConfig(max_steps=10_000, precision=precision, optimizer=optimizer, lr=1e-4,
-                               warmup_steps=0, progress=False, peak_flops=1.0)
+                               warmup_steps=0, progress=False, peak_flops=1.0, compile=compile)
     trainer = Trainer(GPT(config), CausalLMObjective(), RepeatBatch(ids), train_config, run_dir=run_dir)
     return lambda: trainer.train_step()
 
 
-def hf_step(family: str, config, ids: torch.Tensor, precision: str):
+def hf_step(family: str, config, ids: torch.Tensor, precision: str, compile: bool = False):
     model = hf_model(family, config).train()
+    model = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
@@ -64,6 +65,7 @@ def hf_step(family: str, config, ids: torch.Tensor, precision: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args()
     peak = peaks()
     bf16_emulated = peak["bf16"] < peak["fp32"]
@@ -84,6 +86,10 @@ def main() -> None:
                 "lmforge (torch fused AdamW)": lmforge_step(config, ids, precision, run_dir, "fused"),
                 "transformers + torch AdamW": hf_step("gpt2", config, ids, precision),
             }
+            if not args.no_compile:
+                steps_by_name["lmforge compiled (fused AdamW)"] = lmforge_step(config, ids, precision, run_dir, "fused",
+                                                                              compile=True)
+                steps_by_name["transformers + torch.compile"] = hf_step("gpt2", config, ids, precision, compile=True)
             tokens = batch * args.seq_len
             tokens_per_s = {name: tokens / median_seconds(step, steps) for name, step in steps_by_name.items()}
             reference = tokens_per_s["transformers + torch AdamW"]
@@ -92,15 +98,17 @@ def main() -> None:
                 rows.append((precision, batch, name, value, value / reference, value * flops / peak[precision]))
             figures[f"{precision}_tokens_per_s"] = {name: round(value, 1) for name, value in tokens_per_s.items()}
             figures[f"{precision}_ratio_best"] = round(best / reference, 3)
+            if "transformers + torch.compile" in tokens_per_s:
+                figures[f"{precision}_ratio_best_vs_compiled"] = round(best / tokens_per_s["transformers + torch.compile"], 3)
             figures[f"{precision}_mfu_best"] = round(best * flops / peak[precision], 4)
 
     print(f"training step (GPT-2 shapes d={args.d_model} L={args.n_layers} H={args.n_heads} V={args.vocab_size}, "
           f"{figures['parameters'] / 1e6:.1f}M params, T={args.seq_len}), {torch.get_num_threads()} threads; "
           f"matmul peak fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s"
           + (" (bf16 emulated on this CPU: bf16 rows use batch 1)" if bf16_emulated else ""))
-    print(f"{'dtype':<6}{'B':>3}  {'implementation':<30}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
+    print(f"{'dtype':<6}{'B':>3}  {'implementation':<32}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
     for precision, batch, name, value, ratio, mfu in rows:
-        print(f"{precision:<6}{batch:>3}  {name:<30}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
+        print(f"{precision:<6}{batch:>3}  {name:<32}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
     print(json.dumps({"benchmark": "train_throughput", **figures}))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
 from ..cli import HelpFormatter
 
@@ -16,29 +17,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "the final model. Settings come from the recipe, then key=value overrides (model.* for\n"
                           "the model; --print-config shows every key).")
     parser.epilog = f"example:\n  {EXAMPLE}"
+    add_recipe_arguments(parser, "e.g. shakespeare-gpt, shakespeare-bert",
+                         "lr=3e-4 model.n_layers=6 precision=bf16")
+    parser.set_defaults(func=run)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, recipes: str, overrides: str) -> None:
+    """--config RECIPE, key=value overrides, --resume and --print-config: every training command's."""
     parser.formatter_class = HelpFormatter
     parser.add_argument("--config", metavar="RECIPE",
-                        help="a YAML recipe, or the name of one in configs/ (e.g. shakespeare-gpt, shakespeare-bert)")
+                        help=f"a YAML recipe, or the name of one in configs/ ({recipes})")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="settings that override the recipe, e.g. lr=3e-4 model.n_layers=6 precision=bf16")
+                        help=f"settings that override the recipe, e.g. {overrides}")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run from its latest checkpoint (same config; limits may be raised)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without training")
-    parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_recipe(args: argparse.Namespace, load_config: Callable[[Any, list[str]], Any],
+               train: Callable[..., Any]) -> int:
+    """Resolve the recipe + overrides; print it (--print-config) or train it."""
     from ..config import to_dict
-    from .config import load_pretrain_config
 
-    config = load_pretrain_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
+    train(config, resume=args.resume)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_pretrain_config
     from .pretraining import pretrain
 
-    pretrain(config, resume=args.resume)
-    return 0
+    return run_recipe(args, load_pretrain_config, pretrain)

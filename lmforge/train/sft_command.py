@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import HelpFormatter
+from .commands import add_recipe_arguments, run_recipe
 
 EXAMPLE = """lmforge sft --config sft-smollm2-countdown                 # SmolLM2 on a reasoning-gym task
   lmforge sft --config sft-tiny-chatterbot max_steps=50        # a tiny model, one minute
@@ -19,28 +19,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "chatterbot and reasoning-gym:TASK data). The run holds checkpoints, metrics, samples,\n"
                           "report.md (before/after) and a model that `lmforge chat`, `serve` and `convert` take.")
     parser.epilog = f"example:\n  {EXAMPLE}"
-    parser.formatter_class = HelpFormatter
-    parser.add_argument("--config", metavar="RECIPE",
-                        help="a YAML recipe, or the name of one in configs/ (e.g. sft-smollm2-countdown)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="settings that override the recipe, e.g. max_steps=50 lr=1e-5 packing=false")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit without training")
+    add_recipe_arguments(parser, "e.g. sft-smollm2-countdown, sft-smollm2-chat, sft-tiny-chatterbot",
+                         "max_steps=50 lr=1e-5 packing=false")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import to_dict
-    from .sft import load_sft_config
+    from .sft import load_sft_config, sft
 
-    config = load_sft_config(args.config, args.overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-        return 0
-    from .sft import sft
-
-    sft(config, resume=args.resume)
-    return 0
+    return run_recipe(args, load_sft_config, sft)
