@@ -18,8 +18,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.updates = 0
-        # Named like the model's parameters, so the EMA saves and loads as a state dict.
-        self.shadow = {name: param.detach().clone() for name, param in model.named_parameters()}
+        # Named like the model's parameters, so the EMA saves and loads as a state dict. Only the
+        # trained ones: a frozen base (LoRA) never changes, and copying it would double its memory.
+        self.shadow = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -27,15 +28,16 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         weight = 1.0 - self.current_decay()
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach(), weight)
+        params = dict(model.named_parameters())
+        for name, shadow in self.shadow.items():
+            shadow.lerp_(params[name].detach(), weight)
         self.updates += 1
 
     @contextlib.contextmanager
     @torch.no_grad()
     def applied(self, model: nn.Module) -> Iterator[None]:
         """Swap the EMA weights into `model` for the duration of the block (e.g. evaluation)."""
-        params = dict(model.named_parameters())
+        params = {name: param for name, param in model.named_parameters() if name in self.shadow}
         backup = {name: param.detach().clone() for name, param in params.items()}
         for name, param in params.items():
             param.copy_(self.shadow[name])
