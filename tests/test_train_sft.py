@@ -211,3 +211,35 @@ def test_a_malformed_line_names_the_file_and_line(tokenizer_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "chats.jsonl:5" in err and "output" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_lora_sft_keeps_adapters_in_checkpoints_exports_merged_and_resumes_exactly(tokenizer_dir, tmp_path):
+    from lmforge.model.loading import load
+
+    data = write_arithmetic_chats(tmp_path / "chats.jsonl")
+    lora = ["peft=lora", "lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear", "lr=1e-2"]
+    assert cli.main(_sft_args(tokenizer_dir, data, tmp_path, "straight") + lora) == 0
+    assert cli.main(_sft_args(tokenizer_dir, data, tmp_path, "resumed", max_steps=3) + lora) == 0
+    assert cli.main(_sft_args(tokenizer_dir, data, tmp_path, "resumed") + lora + ["--resume"]) == 0
+
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-000006"
+    stored = load_file(checkpoint / "model.safetensors")
+    assert stored and all(".lora." in name for name in stored)          # the frozen base is not copied
+    exported = load_file(tmp_path / "straight" / "model.safetensors")
+    assert not any(".lora." in name for name in exported)               # the run's model is merged and plain
+    for name, tensor in exported.items():                               # resume: the same weights, bit for bit
+        assert torch.equal(tensor, load_file(tmp_path / "resumed" / "model.safetensors")[name]), name
+
+    # A checkpoint loads as its base (named in its config.json) plus its adapters, and gives the
+    # logits of the merged export.
+    final, tokenizer = load(checkpoint)
+    from lmforge.model.builders import build_model
+    from lmforge.model.loading import resolve_config
+
+    merged = build_model(resolve_config(checkpoint)).eval()
+    assert not merged.load_state_dict(exported, strict=False).unexpected_keys
+    ids = torch.tensor([tokenizer.encode("What is 2 plus 3?")])
+    torch.testing.assert_close(final(ids), merged(ids), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(1337)                                             # the seed sft built the base with
+    base, _ = load("nano", tokenizer=tokenizer_dir)
+    assert not torch.allclose(final(ids), base(ids), atol=1e-3)        # the adapters did learn something

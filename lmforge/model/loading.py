@@ -193,7 +193,8 @@ def resolve_config(ref: str | os.PathLike) -> ModelConfig:
 def _lmforge_config(directory: Path) -> ModelConfig:
     config_file = directory / "config.json"
     data = dict(read_json(config_file, "model config"))
-    data.pop("format", None)
+    for key in ("format", "base_model", "peft"):    # an adapter checkpoint also names its base
+        data.pop(key, None)
     try:
         return ModelConfig.from_dict(data)
     except UserError as error:
@@ -253,6 +254,20 @@ def load(ref: str | os.PathLike, device: str | torch.device = "cpu", dtype: torc
     return model.to(device=device, dtype=dtype).eval(), final_tokenizer
 
 
+def _load_adapted(source: ModelSource, data: dict[str, Any]) -> nn.Module:
+    """A LoRA checkpoint: its base (`base_model`, any reference) with the adapters it holds."""
+    from ..peft.lora import LoRAConfig, apply_lora, load_lora_state_dict
+    from .hf import read_safetensors
+
+    peft = dict(data.get("peft") or {})
+    if peft.pop("type", None) != "lora":
+        raise UserError(f"'{source.path / 'config.json'}' names a base model but no LoRA settings; re-export it")
+    base, _ = load(data["base_model"])
+    apply_lora(base, LoRAConfig(**peft).validate())
+    load_lora_state_dict(base, read_safetensors(source.weights))
+    return base
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -286,6 +301,9 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
     from .builders import tied_names
     from .hf import read_safetensors
 
+    data = read_json(source.path / "config.json", "model config")
+    if "base_model" in data:
+        return _load_adapted(source, data)
     config = _lmforge_config(source.path)
     file = source.weights
     if not file.is_file():

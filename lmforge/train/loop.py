@@ -108,6 +108,10 @@ class Trainer:
         flops_per_token: training FLOPs per token, for MFU (None: MFU not reported).
         config_dict: the config saved in checkpoints (default: config's fields).
         model_config: saved as config.json beside the weights (default: model.config.to_dict()).
+        export_state: the state dict the final export writes (default: the model's own); LoRA
+            passes its merged weights, so the exported run is a plain model.
+        checkpoint_config: config.json of checkpoints (default: model_config); a LoRA run adds
+            how to rebuild the model from its base, since its checkpoints hold the adapters only.
         frozen_models: models the objective uses but does not train (reference, reward, teacher),
             by name; moved to the device, frozen and sharded like the model, then handed to
             objective.setup(ctx) as ctx.frozen.
@@ -119,7 +123,9 @@ class Trainer:
                  hooks: list[Any] | tuple[Any, ...] = (), tracker: Any = None, progress: Any = None,
                  flops_per_token: float | None = None, config_dict: dict[str, Any] | None = None,
                  model_config: dict[str, Any] | None = None,
-                 frozen_models: dict[str, nn.Module] | None = None) -> None:
+                 frozen_models: dict[str, nn.Module] | None = None,
+                 export_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+                 checkpoint_config: dict[str, Any] | None = None) -> None:
         self.context = context or DistributedContext(device=pick_device(config.device))
         self.device = self.context.device
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
@@ -131,6 +137,8 @@ class Trainer:
         if model_config is None and hasattr(getattr(model, "config", None), "to_dict"):
             model_config = {"format": "lmforge", **model.config.to_dict()}   # what lmforge.load reads
         self.model_config = model_config
+        self.checkpoint_config = checkpoint_config if checkpoint_config is not None else model_config
+        self.export_state = export_state
         check_precision(config, self.context)
 
         # raw: the module whose parameters are trained (sharded in place by FSDP);

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ import torch
 
 from ..config import build_config, to_dict
 from ..errors import UserError
+from ..peft.lora import LoRAConfig
 from .config import TrainConfig
 from .loop import RunResult, Trainer, check_precision
 from .session import RunSession
@@ -65,6 +66,10 @@ class SFTConfig(TrainConfig):
     log_interval: int = 5
     precision: str = "auto"
     eval_at_start: bool = True            # evaluate the base model first: the report's "before"
+    # Parameter-efficient fine-tuning: none (every weight) | lora (adapters only; lora.* sets them,
+    # e.g. lora.r=16 lora.alpha=32 lora.target_modules=all-linear lora.use_dora=true)
+    peft: Literal["none", "lora"] = "none"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> "SFTConfig":
         super().validate()
@@ -78,6 +83,8 @@ class SFTConfig(TrainConfig):
         for ok, message in checks:
             if not ok:
                 raise UserError(f"{message}; fix the config")
+        if self.peft == "lora":
+            self.lora.validate()
         return self
 
 
@@ -121,19 +128,33 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
             tokenizer.save(session.run_dir / "tokenizer")
         tracker, progress = session.start_tracking(config_dict, resume_from)
         evaluation = SFTEvaluation(config, tokenizer, data, context)
-        trainer = Trainer(model.float(), SFTObjective(), data.train, config, run_dir=session.run_dir,
-                          context=context, evaluate=evaluation, tracker=tracker, progress=progress,
+        model, adapters = _with_adapters(model.float(), config)
+        trainer = Trainer(model, SFTObjective(), data.train, config, run_dir=session.run_dir,
+                          context=context, evaluate=evaluation, tracker=tracker, progress=progress, **adapters,
                           flops_per_token=flops_per_token(model.config, config.seq_len,
                                                           head_fraction=data.trained_tokens / data.train_tokens),
                           config_dict=config_dict)
         evaluation.trainer = trainer
         if context.is_main:
-            _print_plan(config, data, count_parameters(model.config).total, context.world_size, resume_from)
+            _print_plan(config, data, count_parameters(model.config).total, context.world_size, resume_from, model)
         result = session.fit(trainer, resume_from)
         if context.is_main:
             report = write_report(config, data, evaluation, result, time.perf_counter() - started)
             _print_result(result, report)
         return result
+
+
+def _with_adapters(model: torch.nn.Module, config: SFTConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to train (LoRA adapters on a frozen base when peft=lora) and the Trainer options
+    that go with it: checkpoints keep the adapters and name the base, the export is merged."""
+    if config.peft == "none":
+        return model, {}
+    from ..peft.lora import apply_lora, merged_state_dict
+
+    apply_lora(model, config.lora)
+    model_config = {"format": "lmforge", **model.config.to_dict()}
+    rebuild = {"base_model": config.model, "peft": {"type": "lora", **dataclasses.asdict(config.lora)}}
+    return model, {"export_state": merged_state_dict, "checkpoint_config": {**model_config, **rebuild}}
 
 
 def _tokenizer_reference(reference: str | None) -> Any:
@@ -155,9 +176,14 @@ def _tokenizer_reference(reference: str | None) -> Any:
                     f"(e.g. {', '.join(BUNDLED)})")
 
 
-def _print_plan(config: SFTConfig, data: Any, n_params: int, world_size: int, resume_from: Path | None) -> None:
+def _print_plan(config: SFTConfig, data: Any, n_params: int, world_size: int, resume_from: Path | None,
+                model: torch.nn.Module) -> None:
     rows = len(data.train.rows)
     trained = data.trained_tokens / max(1, data.train_tokens)
+    if config.peft == "lora":
+        from ..peft.lora import describe_lora
+
+        print(f"lora: {describe_lora(model)}", file=sys.stderr)
     print(f"sft {config.model} ({n_params / 1e6:.1f}M parameters) on {config.data}: {data.conversations} "
           f"conversations, {len(data.prompts)} held-out prompts{' (scored)' if data.scored else ''}",
           file=sys.stderr)

@@ -34,7 +34,10 @@ def save_checkpoint(trainer: "Trainer", val_loss: float | None, train_loss: floa
         return path
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(trainer.raw, options=full)
+    # A frozen base (LoRA) is the same at every step: checkpoints hold the trained tensors only,
+    # and checkpoint_config says how to rebuild the rest (see lmforge.model.loading).
+    frozen = frozen_names(trainer.raw)
+    model_state = {k: v for k, v in get_model_state_dict(trainer.raw, options=full).items() if k not in frozen}
     optimizer_state = get_optimizer_state_dict(trainer._optimized, trainer.optimizer, options=full)
     ema_state = ({name: full_tensor(t).cpu() for name, t in trainer.ema.state_dict().items()}
                  if trainer.ema is not None else None)
@@ -60,7 +63,7 @@ def save_checkpoint(trainer: "Trainer", val_loss: float | None, train_loss: floa
             trainer.run_dir, trainer.step, {k: v for k, v in model_state.items() if k not in aliases},
             state, trainer.config_dict, extras_state=trainer.extras.state_dict() if len(trainer.extras) else None,
             ema_state={k: v for k, v in ema_state.items() if k not in aliases} if ema_state else None,
-            model_config=trainer.model_config, summary=summary)
+            model_config=trainer.checkpoint_config, summary=summary)
         if is_best:
             ckpt.record_best(trainer.run_dir, trainer.step, val_loss)
         ckpt.prune_checkpoints(trainer.run_dir, trainer.config.keep_last)
@@ -81,7 +84,7 @@ def load_checkpoint(trainer: "Trainer", path: str | Path) -> None:
     full = StateDictOptions(full_state_dict=True, strict=False)
     weights = ckpt.load_tensors(path / "model.safetensors")
     incompatible = set_model_state_dict(trainer.raw, weights, options=full)
-    missing = set(incompatible.missing_keys) - tied_names(trainer.raw)
+    missing = set(incompatible.missing_keys) - tied_names(trainer.raw) - frozen_names(trainer.raw)
     if missing or incompatible.unexpected_keys:
         raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
@@ -109,12 +112,20 @@ def export_model(trainer: "Trainer", directory: str | Path) -> None:
 
     ema = trainer.ema.applied(trainer.raw) if trainer.ema is not None else contextlib.nullcontext()
     with ema:
-        weights = get_model_state_dict(trainer.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.export_state is not None:
+            weights = trainer.export_state(trainer.raw)
+        else:
+            weights = get_model_state_dict(trainer.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         weights = {name: tensor.clone() for name, tensor in weights.items()}
     if trainer.context.is_main:
         aliases = tied_names(trainer.raw)
         ckpt.export_model(directory, {k: v for k, v in weights.items() if k not in aliases}, trainer.model_config)
     trainer.context.barrier()
+
+
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that are not trained (a LoRA base)."""
+    return {name for name, param in model.named_parameters() if not param.requires_grad}
 
 
 def shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
