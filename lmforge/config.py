@@ -37,11 +37,33 @@ def resolve_recipe(name_or_path: str) -> Path:
     )
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def _read_utf8(path: Path) -> str:
+    """The text of a config file, which must be UTF-8 (a UTF-8 byte-order mark is allowed)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"config '{path}' cannot be read ({error.strerror or error}); check the path") from None
+    # Windows editors (and PowerShell's `>`) save UTF-16: name it rather than report a bad byte.
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UserError(f"config '{path}' is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if b"\x00" in data:   # UTF-16 without a byte-order mark: a NUL byte next to every ASCII letter
+        raise UserError(f"config '{path}' is not UTF-8 text (it holds NUL bytes, as UTF-16 files do); "
+                        "save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"config '{path}' is not UTF-8 (byte {error.start} cannot be decoded); "
+                        "save it as UTF-8") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    text = _read_utf8(Path(path))
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config '{path}' is not valid YAML ({error}); fix the file") from None
+    except RecursionError:
+        raise UserError(f"config '{path}' nests too deeply to be a config; fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"config '{path}' must be a YAML mapping of key: value pairs")
     return data
@@ -160,8 +182,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         node = nested
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for index, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):   # ["a=1", "a.b=2"]: a is a value and a section
+                raise UserError(f"override '{item}' sets a key inside '{'.'.join(parts[:index + 1])}', "
+                                "which another override gives a value; give one or the other")
         node[parts[-1]] = value
     return nested
 

@@ -106,3 +106,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{what} '{file}' is not valid JSON ({error}); regenerate or fix it") from None
+    except (ValueError, RecursionError) as error:   # an integer of over 4300 digits; nesting too deep
+        raise UserError(f"{what} '{file}' cannot be read as JSON ({type(error).__name__}); regenerate or fix it") from None
+    except OSError as error:   # a directory named like the file, no permission, ...
+        raise UserError(f"{what} '{file}' cannot be read ({error.strerror or error}); check the file") from None

@@ -76,3 +76,38 @@ def test_bad_value_type_is_clear():
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "lmforge" in result.stdout
+
+
+@pytest.mark.parametrize("encoding, found", [("utf-16", "is UTF-16"), ("utf-16-le", "is not UTF-8 text"),
+                                             ("latin-1", "is not UTF-8")])
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path, capsys, encoding, found):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes("name: caf\u00e9\nmax_steps: 3\n".encode(encoding))
+    with pytest.raises(UserError, match=rf"config '.*recipe.yaml' {found} .*save it as UTF-8"):
+        build_config(_Outer, recipe=recipe)
+    # The same through the CLI: one line, exit code 2, no traceback.
+    assert cli.main(["pretrain", "--config", str(recipe), "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith(f"lmforge pretrain: error: config '{recipe}' {found}")
+
+
+def test_a_utf8_config_with_a_byte_order_mark_still_loads(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes("lr: 0.5\n".encode("utf-8-sig"))
+    assert build_config(_Outer, recipe=recipe).lr == 0.5
+
+
+def test_deeply_nested_yaml_is_a_user_error(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(UserError, match="recipe.yaml"):
+        build_config(_Outer, recipe=recipe)
+
+
+def test_infinite_value_for_an_int_key_is_a_user_error():
+    with pytest.raises(UserError, match="config key 'inner.width' expects int"):
+        build_config(_Outer, overrides=["inner.width=.inf"])
+
+
+def test_an_override_that_is_a_value_and_a_section_is_refused():
+    with pytest.raises(UserError, match=r"override 'lr.x=2' sets a key inside 'lr'"):
+        parse_overrides(["lr=1", "lr.x=2"])

@@ -181,3 +181,40 @@ def test_parquet_dictionary_encoded_text_column(tmp_path):
     assert texts(open_corpus(file)) == ["one", "two", "one"]
     with pytest.raises(UserError, match=r"column 'n' .* not strings"):
         texts(open_corpus(file, text_field="n"))
+
+
+@pytest.mark.parametrize("damage", ["info-truncated", "info-a-list", "state-missing", "arrow-garbage"])
+def test_a_broken_saved_dataset_directory_is_a_user_error(tmp_path, damage):
+    import datasets
+
+    directory = tmp_path / "dataset"
+    datasets.Dataset.from_dict({"text": ["one document", "another one"]}).save_to_disk(str(directory))
+    if damage == "info-truncated":
+        (directory / "dataset_info.json").write_text('{"features": ', encoding="utf-8")
+    elif damage == "info-a-list":
+        (directory / "dataset_info.json").write_text("[]", encoding="utf-8")
+    elif damage == "state-missing":
+        (directory / "state.json").unlink()
+    else:
+        next(directory.glob("*.arrow")).write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"dataset.*(cannot be loaded|cannot be read)"):
+        texts(open_corpus(directory))
+
+
+def test_jsonl_nested_too_deeply_names_the_line(tmp_path):
+    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"deep.jsonl' line 2 cannot be read as JSON"):
+        texts(open_corpus(tmp_path / "deep.jsonl"))
+
+
+def test_damaged_parquet_pages_are_a_user_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(200)]}), path)
+    data = bytearray(path.read_bytes())
+    data[100:2000] = bytes(1900)   # the footer survives, the pages do not
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"data.parquet' cannot be read after row 0"):
+        texts(open_corpus(path))

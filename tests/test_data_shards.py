@@ -348,3 +348,61 @@ def test_shards_from_a_bert_tokenizer_feed_the_masked_lm_loader(tmp_path):
     tokens = np.concatenate([read_split(out, "train"), read_split(out, "val")])
     assert 103 not in tokens  # "[MASK]" written in a document is text, not the mask token
     assert int((tokens == bert.eot_id).sum()) == len(docs) - 2  # only the separators
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", "x"), ("vocab_size", None), ("vocab_size", 2.5), ("vocab_size", True), ("dtype", "float64"),
+    ("dtype", "uint32"), ("eot_id", 10**9), ("special_tokens", [1]), ("source", "x"), ("val_fraction", "x"),
+    ("tokenizer_fingerprint", 5), ("val_document_names", [1]), ("mask_id", "x"), ("format_version", 99),
+    ("train", {"file": "train.bin", "tokens": "many"}), ("train", {"file": "../../etc/passwd", "tokens": 1}),
+    ("train", "x"),
+])
+def test_every_meta_json_field_is_type_checked(tokenizer_dir, corpus_dir, tmp_path, capsys, field, value):
+    out = tmp_path / "shards"
+    prepare_shards(corpus_dir, tokenizer_dir, out, num_workers=1, progress=False)
+    data = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    (out / "meta.json").write_text(json.dumps({**data, field: value}), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"meta.json' (has {field}|has format_version|has malformed {field})"):
+        read_meta(out)
+    assert cli.main(["data", "stats", "--data", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("lmforge data: error: '")
+
+
+def test_the_tokenizer_is_found_from_any_working_directory(tokenizer_dir, corpus_dir, tmp_path, monkeypatch):
+    """meta.json stores the tokenizer relative to the shard directory, so pretrain works from elsewhere."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tokenizer_dir, project / "artifacts" / "tok")
+    monkeypatch.chdir(project)
+    prepare_shards(corpus_dir, "artifacts/tok", "data/shards", num_workers=1, progress=False)
+    stored = json.loads((project / "data" / "shards" / "meta.json").read_text(encoding="utf-8"))["tokenizer"]
+    assert stored == "../../artifacts/tok"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    meta = read_meta(project / "data" / "shards")
+    assert Path(meta.tokenizer) == (project / "artifacts" / "tok").resolve()
+    # The run pretrain starts from here finds and copies the shards' tokenizer.
+    code = cli.main(["pretrain", "--config", "shakespeare-gpt", f"data={project / 'data' / 'shards'}",
+                     f"out_dir={elsewhere / 'runs'}", "name=r", "preset=nano", "seq_len=16", "batch_size=2",
+                     "max_steps=1", "eval_interval=1", "eval_batches=1", "checkpoint_interval=1",
+                     "sample_interval=1", "sample_tokens=4", "log_interval=1", "progress=false",
+                     "peak_flops=1e12"])
+    assert code == 0
+    assert (elsewhere / "runs" / "r" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_older_meta_json_tokenizer_paths_still_resolve(tokenizer_dir, corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    prepare_shards(corpus_dir, tokenizer_dir, out, num_workers=1, progress=False)
+    data = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    # Before: the argument as given to prepare, absolute or relative to where it ran.
+    for stored, cwd in ((str(tokenizer_dir.resolve()), tmp_path), (tokenizer_dir.name, tokenizer_dir.parent)):
+        (out / "meta.json").write_text(json.dumps({**data, "tokenizer": stored}), encoding="utf-8")
+        monkeypatch.chdir(cwd)
+        assert Path(read_meta(out).tokenizer).resolve() == tokenizer_dir.resolve()
+    # A bundled name is kept as it is.
+    (out / "meta.json").write_text(json.dumps({**data, "tokenizer": "minilm"}), encoding="utf-8")
+    assert read_meta(out).tokenizer == "minilm"

@@ -168,6 +168,93 @@ def test_pytorch_bin_checkpoints_load_with_weights_only(tmp_path):
                     mask) < ATOL
 
 
+def _bin_with_bad_memo(path) -> None:
+    """A torch zip checkpoint whose pickle reads a memo entry that was never stored (BINGET 99)."""
+    import zipfile
+
+    torch.save({"x": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members[next(name for name in members if name.endswith("data.pkl"))] = b"\x80\x02h\x63."
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "bad-memo", "dict-of-ints", "int-keys", "a-list"])
+def test_damaged_pytorch_bin_files_are_user_errors(tmp_path, monkeypatch, damage):
+    T.LlamaConfig(**_LLAMA).save_pretrained(tmp_path)
+    path = tmp_path / "pytorch_model.bin"
+    state = {"model.embed_tokens.weight": torch.zeros(VOCAB, 32)}
+    if damage == "random-bytes":
+        path.write_bytes(bytes(range(256)) * 16)
+    elif damage == "bad-memo":
+        _bin_with_bad_memo(path)
+    else:
+        torch.save({"dict-of-ints": {name: 1 for name in state}, "int-keys": {0: torch.zeros(2)},
+                    "a-list": [torch.zeros(2)]}[damage], path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(kwargs) or real_load(*args, **kwargs))
+    with pytest.raises(UserError, match=r"pytorch_model.bin' (is not a loadable PyTorch weights file|does not hold|holds)"):
+        load(tmp_path)
+    assert loads and all(kwargs.get("weights_only") is True for kwargs in loads)   # never a pickle of code
+
+
+def test_a_config_claiming_more_layers_than_the_weights_is_refused_before_building(tmp_path, monkeypatch):
+    perturb(T.LlamaForCausalLM(T.LlamaConfig(**_LLAMA))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    import lmforge.model.builders as builders
+
+    monkeypatch.setattr(builders, "build_model", lambda config: pytest.fail("a model was built"))
+    with pytest.raises(UserError, match="says 1000000000 layers but the weights hold 2"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_hidden_layers", 2.5, "num_hidden_layers|n_layers=2.5, which is not an integer"),
+    ("intermediate_size", "48", "has an invalid or missing value"),
+    ("tie_word_embeddings", "no", "tie_embeddings='no', which is not true or false"),
+    ("rope_parameters", "x", "has an invalid or missing value"),
+    ("max_position_embeddings", 10**8, "beyond the 16,777,216 lmforge supports"),
+    ("vocab_size", 10**30, "beyond any size lmforge can build"),
+])
+def test_config_json_values_of_the_wrong_type_are_user_errors(tmp_path, field, value, message):
+    T.LlamaConfig(**_LLAMA).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(UserError, match=message):
+        resolve_config(tmp_path)
+
+
+def test_shape_checks_run_before_the_model_is_allocated(tmp_path, monkeypatch):
+    """A d_ff of a billion that the weights do not have is refused from a meta-device model."""
+    perturb(T.LlamaForCausalLM(T.LlamaConfig(**_LLAMA))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 10**9}))
+    import lmforge.model.builders as builders
+
+    real_build = builders.build_model
+
+    def build_on_meta_only(model_config):
+        assert torch.empty(0).device.type == "meta", "a real model was built before the shapes were checked"
+        return real_build(model_config)
+
+    monkeypatch.setattr(builders, "build_model", build_on_meta_only)
+    with pytest.raises(UserError, match=r"has shape \[48, 32\] but config.json implies \[1000000000, 32\]"):
+        load(tmp_path)
+
+
+def test_hf_package_keeps_the_old_module_names():
+    """`lmforge.model.hf` is a package (one module per family); the names other code imports stay."""
+    from lmforge.model import hf
+
+    for name in ("LLAMA", "GPT2", "BERT", "config_from_hf", "import_state_dict", "interleaved_to_half_split",
+                 "load_hf_model", "read_safetensors", "export_hf", "hf_family_for", "SUPPORTED_ARCHITECTURES"):
+        assert hasattr(hf, name), name
+
+
 # ----------------------------------------------------------------------------- our models -> HF
 
 
@@ -363,3 +450,26 @@ def test_gguf_errors(tmp_path):
     writer.close()
     with pytest.raises(UserError, match="is a 'bert' model; lmforge imports GGUF files of the llama architecture"):
         resolve_config(tmp_path / "bert.gguf")
+
+
+@pytest.mark.parametrize("key, value, kind, message", [
+    ("llama.block_count", 10**9, "UINT32", "says llama.block_count = 1000000000 but holds tensors for 2 layers"),
+    ("llama.block_count", "two", "STRING", "llama.block_count = 'two', which is not a positive integer"),
+    ("llama.attention.head_count", 0, "UINT32", "llama.attention.head_count = 0, which is not a positive integer"),
+    ("llama.vocab_size", 999, "UINT32", "token_embd.weight has shape"),
+])
+def test_gguf_metadata_that_does_not_fit_is_refused_before_building(tmp_path, monkeypatch, key, value, kind, message):
+    from gguf import GGUFValueType
+
+    import lmforge.model.builders as builders
+    from fuzz_support import write_gguf
+    from lmforge.model import get_preset
+    from lmforge.tokenizer import train_bpe_on_texts
+
+    tokenizer = train_bpe_on_texts(["the cat sat on the mat"] * 4, vocab_size=280)
+    model = build_model(get_preset("nano", vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, n_kv_heads=1))
+    write_gguf(tmp_path / "m.gguf", model, tokenizer, {key: (value, GGUFValueType[kind])})
+    monkeypatch.setattr(builders, "build_model", lambda config: pytest.fail("a model was built"))
+    for read in (resolve_config, load):
+        with pytest.raises(UserError, match=message):
+            read(tmp_path / "m.gguf")

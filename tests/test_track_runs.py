@@ -128,3 +128,32 @@ def test_plot_to_an_unwritable_place_is_a_user_error(tmp_path, capsys):
     # A folder that does not exist yet is made, as `pretrain out_dir=` does.
     assert cli.main(["runs", "plot", "a", "--root", str(tmp_path), "--out", str(tmp_path / "new" / "fig.png")]) == 0
     assert (tmp_path / "new" / "fig.png").read_bytes()[:8] == PNG_HEADER
+
+
+def test_runs_list_skips_metric_values_that_are_not_finite_numbers(tmp_path, capsys):
+    run = make_run(tmp_path, "damaged", steps=5)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as log:
+        # JSON reads 1e999 as infinity; the others are a string, a bool, a list and a 400-digit integer.
+        log.write('{"step": 1e999, "loss": 1.0}\n{"step": 6, "loss": "y"}\n{"step": 7, "loss": true}\n'
+                  '{"step": [8], "tokens_seen": 1e999}\n{"step": 9, "tokens_seen": ' + "9" * 400 + "}\n")
+    assert cli.main(["runs", "list", "--root", str(tmp_path)]) == 0
+    summary = list_runs(tmp_path)[0]
+    assert summary.last_step == 9 and summary.tokens_seen == 5 * 256
+    assert summary.last_loss == pytest.approx(4 * math.exp(-5 / 8) + 1)   # the last real loss
+    assert "damaged" in capsys.readouterr().out
+    assert cli.main(["runs", "plot", str(run), "--out", str(tmp_path / "p.png"), "--x", "tokens"]) == 0
+
+
+def test_run_names_and_models_are_shown_as_text_not_rich_markup(tmp_path, capsys):
+    run = make_run(tmp_path / "[", "x]")          # the run name is "[/x]", a closing tag to rich
+    (run / "config.yaml").write_text("model: {preset: '[bold]tiny[/bold]'}\n")
+    assert cli.main(["runs", "list", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[bold]tiny[/bold]" in out
+
+
+def test_a_diverged_run_still_shows_its_nan_loss(tmp_path):
+    run = make_run(tmp_path, "diverged", steps=5)
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"step": 6, "loss": NaN}\n')
+    assert math.isnan(list_runs(tmp_path)[0].last_loss)

@@ -202,6 +202,9 @@ def _jsonl_documents(file: Path, label: str, text_field: str) -> Iterator[Docume
             except json.JSONDecodeError as error:
                 raise UserError(f"'{file}' line {line_number} is not valid JSON ({error.msg} at column {error.colno}); "
                                 "fix or delete that line (JSONL is one JSON object per line)") from None
+            except (RecursionError, ValueError) as error:   # nesting too deep; an integer of 5000 digits
+                raise UserError(f"'{file}' line {line_number} cannot be read as JSON ({type(error).__name__}); "
+                                "fix or delete that line (JSONL is one JSON object per line)") from None
             if not isinstance(record, dict) or text_field not in record:
                 found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
                 raise UserError(f"'{file}' line {line_number} has no '{text_field}' field (found: {found}); "
@@ -234,7 +237,15 @@ def _parquet_documents(file: Path, label: str, text_column: str) -> Iterator[Doc
         raise UserError(f"column '{text_column}' of '{file}' holds {column_type}, not strings; "
                         "pass --text-column NAME for the column holding the text")
     row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_column]):
+    batches = parquet.iter_batches(batch_size=1024, columns=[text_column])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as error:   # a damaged row group shows only when read
+            raise UserError(f"'{file}' cannot be read after row {row} ({_first_line(error)}); "
+                            "the Parquet file is damaged -- write it again") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield Document(f"{label}[{row}]", text)
@@ -248,6 +259,11 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _dataset_corpus(spec: str | Path, text_column: str, split: str, from_disk: bool) -> Corpus:
     dataset = _load_dataset(spec, split, from_disk)
     if text_column not in dataset.column_names:
@@ -257,7 +273,15 @@ def _dataset_corpus(spec: str | Path, text_column: str, split: str, from_disk: b
 
     def read() -> Iterator[Document]:
         row = 0
-        for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
+        batches = dataset.select_columns([text_column]).iter(batch_size=1024)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as error:  # a damaged arrow file shows only when its rows are read
+                raise UserError(f"dataset '{spec}' cannot be read after row {row} "
+                                f"({type(error).__name__}: {_first_line(error)}); save it again") from None
+            if batch is None:
+                return
             for text in batch[text_column]:
                 if not isinstance(text, (str, type(None))):
                     raise UserError(f"dataset '{spec}' row {row}: column '{text_column}' holds "
@@ -277,7 +301,12 @@ def _load_dataset(spec: str | Path, split: str, from_disk: bool):
     import datasets
 
     if from_disk:
-        loaded = datasets.load_from_disk(str(spec))
+        try:
+            loaded = datasets.load_from_disk(str(spec))
+        except Exception as error:  # a broken dataset_info.json, state.json or arrow file: many types
+            raise UserError(f"'{spec}' looks like a `datasets` save_to_disk directory but cannot be loaded "
+                            f"({type(error).__name__}: {_first_line(error)}); save it again with "
+                            "`Dataset.save_to_disk` or point --corpus at its files") from None
     else:
         try:
             loaded = datasets.load_dataset(str(spec), download_mode="reuse_cache_if_exists")
@@ -285,6 +314,9 @@ def _load_dataset(spec: str | Path, split: str, from_disk: bool):
             raise UserError(f"corpus '{spec}' is not a file, a directory or a dataset in the local Hugging Face cache "
                             f"({type(error).__name__}); check the path, or download the dataset first "
                             "(lmforge never downloads at run time)") from None
+    if not isinstance(loaded, (datasets.Dataset, datasets.DatasetDict)):
+        raise UserError(f"dataset '{spec}' is a {type(loaded).__name__}, not a Dataset or DatasetDict; "
+                        "save it with `Dataset.save_to_disk`")
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise UserError(f"dataset '{spec}' has no split '{split}' (splits: {', '.join(loaded)}); "

@@ -9,9 +9,8 @@ entries, uint32 otherwise) with the end-of-text token between documents:
     doc0 <eot> doc1 <eot> doc2
 
 Validation holds out whole documents (whole plays for Shakespeare), chosen deterministically, so
-validation text is never seen in training. meta.json records the tokenizer's fingerprint (so a
-shard is never read with another tokenizer), the dtype, and token, document and UTF-8 byte counts
-per split (bytes turn a loss in nats/token into bits per byte).
+validation text is never seen in training. meta.json (see `shard_meta`, which reads and checks it;
+its names are re-exported here) records the tokenizer, the dtype and the counts per split.
 
 Nothing half-written: both .bin files are streamed to temporary files and renamed only once
 complete, and meta.json -- the file that makes a directory a shard set -- is removed before the
@@ -21,12 +20,9 @@ memory holds a few batches and one document, never the corpus.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import multiprocessing
 import os
 import sys
-from collections import deque
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
@@ -34,15 +30,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from ..io import atomic_path, ensure_writable_dir
+from ..workers import ordered_map
 from .corpora import Corpus, open_corpus
+from .shard_meta import (FORMAT_VERSION, META_FILE, SPLITS, ShardMeta, SplitStats, check_shards,
+                         check_vocabulary, describe_shards, max_token_id, open_tokens, read_meta,
+                         resolve_tokenizer, token_dtype, tokenizer_reference, write_meta)
 
 if TYPE_CHECKING:
     from ..tokenizer.pretokenize import PreTokenizer
 
-SPLITS = ("train", "val")
-META_FILE = "meta.json"
-FORMAT_VERSION = 1
+__all__ = ["prepare_shards", "choose_val_documents", "encode_texts", "default_num_workers",
+           # meta.json, from shard_meta
+           "FORMAT_VERSION", "META_FILE", "SPLITS", "ShardMeta", "SplitStats", "check_shards", "check_vocabulary",
+           "describe_shards", "max_token_id", "open_tokens", "read_meta", "token_dtype"]
+
 # Long documents are tokenized in pieces, so one huge file still spreads over the pool. Pieces end
 # only where the tokenizer's pre-tokenizer proves a cut changes no token (`_cut_pieces`).
 PIECE_CHARS = 1 << 18
@@ -50,153 +52,6 @@ PIECE_CHARS = 1 << 18
 TASK_CHARS = 1 << 18
 # How many names of held-out documents meta.json lists (more would bloat it for record corpora).
 MAX_LISTED_VAL_DOCUMENTS = 100
-
-
-# ---------------------------------------------------------------- meta.json
-
-@dataclass
-class SplitStats:
-    """Counts for one split. `tokens` includes the end-of-text tokens between documents."""
-
-    file: str
-    tokens: int = 0
-    documents: int = 0
-    bytes: int = 0  # UTF-8 bytes of the documents' text (separators excluded)
-    max_token_id: int = -1
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.bytes / self.tokens if self.tokens else 0.0
-
-
-@dataclass
-class ShardMeta:
-    """The contents of meta.json."""
-
-    tokenizer_fingerprint: str
-    tokenizer: str  # the tokenizer argument given to `prepare` (for error messages)
-    vocab_size: int
-    dtype: str  # "uint16" | "uint32"
-    eot_id: int
-    special_tokens: dict[str, int]
-    source: dict[str, Any]
-    val_fraction: float
-    train: SplitStats
-    val: SplitStats
-    val_document_names: list[str] | None  # None when more than MAX_LISTED_VAL_DOCUMENTS
-    created_at: str
-    lmforge_version: str
-    format_version: int = FORMAT_VERSION
-    # The tokenizer's mask token ("<|mask|>", BERT's "[MASK]", ...). meta.json files written before
-    # it was recorded lack it; for them (and when it is None) "<|mask|>" is looked up, as before.
-    mask_id: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mask_id is None:
-            self.mask_id = self.special_tokens.get("<|mask|>")
-
-    def split(self, name: str) -> SplitStats:
-        if name not in SPLITS:
-            raise UserError(f"split '{name}' does not exist; use one of: {', '.join(SPLITS)}")
-        return self.train if name == "train" else self.val
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> ShardMeta:
-        if not isinstance(data, dict):
-            raise UserError(f"'{where}' is not a JSON object; re-run `lmforge data prepare`")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.default is MISSING)  # fields with defaults are optional
-        if missing:
-            raise UserError(f"'{where}' is missing {', '.join(missing)}; it was not written by this version of "
-                            "lmforge -- re-run `lmforge data prepare`")
-        fields = {k: v for k, v in data.items() if k in names}
-        try:
-            fields["train"] = SplitStats(**data["train"])
-            fields["val"] = SplitStats(**data["val"])
-        except TypeError as error:
-            raise UserError(f"'{where}' has malformed split counts ({error}); re-run `lmforge data prepare`") from None
-        return cls(**fields)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocabulary under 65,536), uint32 otherwise."""
-    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
-
-
-def read_meta(directory: str | os.PathLike) -> ShardMeta:
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        hint = " (an interrupted prepare leaves none)" if Path(directory).is_dir() else ""
-        raise UserError(f"'{directory}' has no {META_FILE}{hint}; prepare shards with "
-                        f"`lmforge data prepare --corpus CORPUS --tokenizer DIR --out {directory}`")
-    return ShardMeta.from_json(read_json(path, what="shard metadata"), where=str(path))
-
-
-def open_tokens(directory: str | os.PathLike, split: str, meta: ShardMeta | None = None) -> np.memmap:
-    """Memory-map DIR/{split}.bin as a read-only 1-D array of token ids, after checking its size."""
-    meta = meta or read_meta(directory)
-    stats = meta.split(split)
-    path = Path(directory) / stats.file
-    if not path.is_file():
-        raise UserError(f"'{path}' is missing; re-run `lmforge data prepare` for '{directory}'")
-    itemsize = np.dtype(meta.dtype).itemsize
-    if path.stat().st_size != stats.tokens * itemsize:
-        raise UserError(f"'{path}' has {path.stat().st_size} bytes but meta.json says {stats.tokens} {meta.dtype} "
-                        "tokens; the shard is damaged -- re-run `lmforge data prepare`")
-    if stats.tokens == 0:
-        raise UserError(f"the {split} split in '{directory}' is empty; prepare it from a larger corpus")
-    return np.memmap(path, dtype=meta.dtype, mode="r")
-
-
-# ---------------------------------------------------------------- checks shared with training
-
-def check_vocabulary(tokenizer: Any, where: str) -> None:
-    """A byte-level vocabulary needs all 256 bytes plus its special tokens."""
-    minimum = 256 + len(tokenizer.special_tokens)
-    if tokenizer.vocab_size < minimum:
-        raise UserError(f"tokenizer '{where}' has {tokenizer.vocab_size} tokens, fewer than the 256 bytes + "
-                        f"{len(tokenizer.special_tokens)} special tokens a byte-level vocabulary needs; "
-                        f"retrain it with a vocabulary of at least {minimum}")
-    if tokenizer.eot_id is None:
-        raise UserError(f"tokenizer '{where}' has no end-of-text token to separate documents; "
-                        "use a tokenizer with <|endoftext|> among its special tokens")
-
-
-def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
-    """Largest id in a (memory-mapped) token array, read a chunk at a time."""
-    return max(int(tokens[start:start + chunk].max()) for start in range(0, len(tokens), chunk))
-
-
-def check_shards(directory: str | os.PathLike, tokenizer: Any) -> ShardMeta:
-    """Check that the shards in `directory` were prepared with `tokenizer` and fit its vocabulary.
-
-    Training calls this before reading a batch, so a mismatch is one clear error, not an
-    index error deep inside an embedding (or, worse, silently wrong tokens).
-    """
-    check_vocabulary(tokenizer, where="the model's tokenizer")
-    meta = read_meta(directory)
-    fingerprint = tokenizer.fingerprint()
-    if meta.tokenizer_fingerprint != fingerprint:
-        raise UserError(f"the shards in '{directory}' were prepared with another tokenizer (fingerprint "
-                        f"{meta.tokenizer_fingerprint[:12]}, not {fingerprint[:12]}); re-run `lmforge data prepare "
-                        f"--corpus {_source_argument(meta)} --tokenizer YOUR_TOKENIZER_DIR --out {directory}`")
-    for split in SPLITS:
-        tokens = open_tokens(directory, split, meta)
-        largest = max_token_id(tokens)
-        if largest >= tokenizer.vocab_size:
-            raise UserError(f"'{Path(directory) / meta.split(split).file}' holds token id {largest}, at or above the "
-                            f"tokenizer's vocabulary size {tokenizer.vocab_size}; re-run `lmforge data prepare` "
-                            "with this tokenizer")
-    return meta
-
-
-def _source_argument(meta: ShardMeta) -> str:
-    source = meta.source
-    return source.get("name") or source.get("path") or "CORPUS"
 
 
 # ---------------------------------------------------------------- the validation split
@@ -232,8 +87,8 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _encode_in_worker(texts: list[str]) -> list[tuple[np.ndarray, int]]:
-    return encode_texts(_worker_tokenizer, texts)
+def _encode_in_worker(task: list[_Piece]) -> list[tuple[np.ndarray, int]]:
+    return encode_texts(_worker_tokenizer, [piece.text for piece in task])
 
 
 def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, int]]:
@@ -308,18 +163,7 @@ def _encode_tasks(tasks: Iterator[list[_Piece]], tokenizer: Any, tokenizer_path:
         for task in tasks:
             yield task, encode_texts(tokenizer, [piece.text for piece in task])
         return
-    # spawn, not fork: forking a process that may hold torch/OpenMP threads can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append((task, pool.apply_async(_encode_in_worker, ([piece.text for piece in task],))))
-            if len(pending) >= 2 * num_workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+    yield from ordered_map(_encode_in_worker, tasks, num_workers, _init_worker, (tokenizer_path,))
 
 
 class _SplitWriter:
@@ -394,15 +238,17 @@ def prepare_shards(corpus: str | os.PathLike | Corpus, tokenizer: str | os.PathL
                 out.rmdir()
         raise
 
+    # The tokenizer as `read_meta` will give it back: meta.json holds it relative to `out`.
+    tokenizer_ref = resolve_tokenizer(tokenizer_reference(tokenizer_path, out), out)
     meta = ShardMeta(
-        tokenizer_fingerprint=loaded.fingerprint(), tokenizer=tokenizer_path, vocab_size=loaded.vocab_size,
+        tokenizer_fingerprint=loaded.fingerprint(), tokenizer=tokenizer_ref, vocab_size=loaded.vocab_size,
         dtype=token_dtype(loaded.vocab_size).name, eot_id=loaded.eot_id, special_tokens=dict(loaded.special_tokens),
         source=corpus.source, val_fraction=val_fraction, train=stats["train"], val=stats["val"],
         val_document_names=val_names if len(val_indices) <= MAX_LISTED_VAL_DOCUMENTS else None,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), lmforge_version=__version__,
         mask_id=loaded.mask_id,
     )
-    write_json_atomic(out / META_FILE, meta.to_json())
+    write_meta(meta, out)
     return meta
 
 
@@ -445,31 +291,3 @@ def _write_splits(corpus: Corpus, val_indices: set[int], tokenizer: Any, tokeniz
         # written, the directory cannot pass for a valid shard set.
         (out / META_FILE).unlink(missing_ok=True)
     return stats, val_names
-
-
-# ---------------------------------------------------------------- stats
-
-def describe_shards(directory: str | os.PathLike) -> str:
-    """A short human-readable summary of meta.json (what `lmforge data stats` prints)."""
-    meta = read_meta(directory)
-    source = meta.source
-    source_text = source.get("name") or source.get("path") or "?"
-    details = ", ".join(f"{key}={value!r}" for key, value in source.items() if key not in ("name", "path", "kind"))
-    lines = [
-        f"shards:     {directory}",
-        f"source:     {source_text} ({source.get('kind')}{', ' + details if details else ''})",
-        f"tokenizer:  {meta.tokenizer} (fingerprint {meta.tokenizer_fingerprint[:12]}, vocab {meta.vocab_size:,}, "
-        f"eot id {meta.eot_id})",
-        f"dtype:      {meta.dtype}",
-        f"created:    {meta.created_at} by lmforge {meta.lmforge_version}",
-        "",
-        f"{'split':<6} {'documents':>10} {'tokens':>14} {'bytes':>14} {'bytes/token':>12}",
-    ]
-    for split in SPLITS:
-        stats = meta.split(split)
-        lines.append(f"{split:<6} {stats.documents:>10,} {stats.tokens:>14,} {stats.bytes:>14,} "
-                     f"{stats.bytes_per_token:>12.3f}")
-    if meta.val_document_names is not None:
-        lines += ["", f"val documents: {', '.join(meta.val_document_names)}"]
-    return "\n".join(lines)
-

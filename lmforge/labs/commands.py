@@ -80,7 +80,7 @@ def run_attention(args: argparse.Namespace) -> int:
         table.add_row(str(summary.head), f"{summary.previous_token:.0%}", f"{summary.first_token:.0%}",
                       f"{summary.self_token:.0%}", f"{summary.entropy:.2f}", summary.pattern)
     console.print(table)
-    console.print(f"wrote {out} ({probs.shape[0]} heads x {len(ids)} tokens)")
+    console.print(f"wrote {out} ({probs.shape[0]} heads x {len(ids)} tokens)", markup=False)
     return 0
 
 
@@ -90,6 +90,8 @@ def run_io(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.seed < 0:   # numpy's generators take non-negative seeds only
+        raise UserError(f"--seed must be zero or positive, not {args.seed}")
     model, tokenizer = _load(args)
     report = inspect_io(model, tokenizer, args.text, top_k=args.top_k, mask_prob=args.mask_prob, seed=args.seed)
     if args.json:

@@ -37,8 +37,8 @@ def run_info(args: argparse.Namespace) -> int:
     context = args.context if args.context is not None else config.max_seq_len   # 0 is refused, not "default"
     counts = count_parameters(config)
     console = Console()
-    console.print(f"[bold]{args.ref}[/bold]")
-    console.print(describe(config))
+    console.print(args.ref, style="bold", markup=False)   # a path may hold "[...]", which is not markup
+    console.print(describe(config), markup=False)
     table = Table(show_header=True, header_style="bold")
     table.add_column("quantity")
     table.add_column("value", justify="right")

@@ -11,6 +11,10 @@ Encoding a piece of text: split off special tokens, pre-tokenize the rest, and r
 UTF-8 bytes of each piece: start from single bytes and repeatedly merge the adjacent pair of
 lowest rank, like GPT-2 and HF `tokenizers`. Results are cached per segment, so common words
 cost one dict lookup; the hot path is C-level (regex split, dict lookups, itertools.chain).
+
+Files: `formats` (tokenizer.json, GPT-2 files, tiktoken) and `gguf_import` read them into
+`parts.BPEParts`, which `from_parts` builds the tokenizer from, and write any tokenizer-shaped
+object; they never import this module, so imports go one way (bpe -> formats -> parts).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import UserError
+from . import formats, gguf_import
+from .parts import BPEParts
 from .pretokenize import GPT2_PATTERN, PreTokenizer, split_at_safe_points
 from .special_tokens import ENDOFTEXT, MASK, PAD, chat_template_for
 
@@ -30,6 +36,7 @@ _REPLACEMENT = "\ufffd".encode("utf-8")  # what decode shows for an id it does n
 _NO_MERGE = 1 << 62  # rank of a pair that has no merge
 _DEFAULT_CACHE_SIZE = 100_000  # segments; a full cache is cleared (bounded memory, simple)
 _SHORT_PIECE = 8  # bytes; longer pieces use the heap merge (measured crossover: 6-8 bytes)
+_MAX_ID = 1 << 31  # token ids must fit an int32 embedding index
 
 
 class BPETokenizer:
@@ -79,6 +86,12 @@ class BPETokenizer:
                 raise ValueError(f"merge {rank} ({left!r}, {right!r}) uses or makes a token that is not in the vocabulary")
         if len(set(self.vocab.values())) != len(self.vocab):
             raise ValueError("two vocabulary tokens share an id")
+        # Ids index an embedding table: negative ones cannot, and ids past 2**31 would size it absurdly.
+        ids = [*self.vocab.values(), *self._special_tokens.values()]
+        if not ids:
+            raise ValueError("it has no tokens")
+        if min(ids) < 0 or max(ids) >= _MAX_ID:
+            raise ValueError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside 0..{_MAX_ID - 1}")
         by_id = {index: token for token, index in self.vocab.items()}
         for text, index in self._special_tokens.items():
             if index in by_id and by_id[index] != text.encode("utf-8"):
@@ -104,29 +117,37 @@ class BPETokenizer:
                    mask_token=MASK if MASK in specials else None)
 
     @classmethod
+    def from_parts(cls, parts: BPEParts) -> "BPETokenizer":
+        """The tokenizer a file format read (see `parts`); an inconsistent file is a UserError."""
+        try:
+            return cls(parts.vocab, parts.merges, parts.special_tokens, pattern=parts.pattern,
+                       split_digits=parts.split_digits, chat_template=parts.chat_template,
+                       bos_token=parts.roles.get("bos"), eos_token=parts.roles.get("eos"),
+                       pad_token=parts.roles.get("pad"), mask_token=parts.roles.get("mask"))
+        except ValueError as error:   # also the regex of a tokenizer.json that does not compile
+            raise UserError(f"{parts.source} is not a consistent byte-level BPE tokenizer ({error}); "
+                            "re-export it") from None
+
+    @classmethod
     def load(cls, directory: str | os.PathLike) -> "BPETokenizer":
         """A directory saved by `save` (or any HF directory holding a byte-level BPE tokenizer.json)."""
-        from .formats import load_hf_directory
-        return load_hf_directory(directory)
+        return cls.from_parts(formats.read_hf_directory(directory))
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> "BPETokenizer":
         """An HF `tokenizer.json` of a byte-level BPE (config: a tokenizer_config.json dict)."""
-        from .formats import from_hf_json
-        return from_hf_json(path, config)
+        return cls.from_parts(formats.read_hf_json(path, config))
 
     @classmethod
     def from_gpt2_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
                         special_tokens: Sequence[str] | None = None) -> "BPETokenizer":
         """GPT-2's `vocab.json` + `merges.txt`."""
-        from .formats import from_gpt2_files
-        return from_gpt2_files(vocab_path, merges_path, special_tokens)
+        return cls.from_parts(formats.read_gpt2_files(vocab_path, merges_path, special_tokens))
 
     @classmethod
     def from_gguf(cls, source: Any, split_digits: bool | None = None) -> "BPETokenizer":
         """The byte-level BPE embedded in a GGUF file (a path, or an open `gguf.GGUFReader`)."""
-        from .gguf_import import from_gguf
-        return from_gguf(source, split_digits)
+        return cls.from_parts(gguf_import.read_gguf_tokenizer(source, split_digits))
 
     # --- the contract ----------------------------------------------------------------------
 
@@ -238,18 +259,15 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` (HF-loadable) and `tokenizer_config.json` into directory."""
-        from .formats import save_hf_directory
-        return save_hf_directory(self, directory)
+        return formats.save_hf_directory(self, directory)
 
     def save_gpt2_files(self, directory: str | os.PathLike) -> tuple[Path, Path]:
         """Write GPT-2 style `vocab.json` + `merges.txt` into directory."""
-        from .formats import save_gpt2_files
-        return save_gpt2_files(self, directory)
+        return formats.save_gpt2_files(self, directory)
 
     def to_tiktoken(self, name: str = "lmforge"):
         """A `tiktoken.Encoding` giving the same ids (needs ids in merge order, one regex)."""
-        from .formats import to_tiktoken
-        return to_tiktoken(self, name)
+        return formats.to_tiktoken(self, name)
 
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "

@@ -121,6 +121,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .loading import load_tokenizer
@@ -133,12 +134,12 @@ def _stats(args: argparse.Namespace) -> int:
     for column in ("tokenizer", "vocab size", "tokens", "bytes/token", "ids used", "vocab used"):
         table.add_column(column, justify="left" if column == "tokenizer" else "right")
     for result in results:
-        table.add_row(result.name, f"{result.vocab_size:,}", f"{result.num_tokens:,}", f"{result.bytes_per_token:.3f}",
+        table.add_row(escape(result.name), f"{result.vocab_size:,}", f"{result.num_tokens:,}", f"{result.bytes_per_token:.3f}",
                       f"{result.distinct_ids:,}", f"{100 * result.vocab_used:.1f}%")
     console = Console()
     console.print(table)
     if len(results) == 2:
         first, second = results
         console.print(f"{first.name} needs {first.num_tokens / max(second.num_tokens, 1):.3f}x the tokens of {second.name}",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)   # names are paths: "[...]" in them is not markup
     return 0

@@ -4,6 +4,9 @@ All of them write byte tokens with GPT-2's printable byte alphabet (see `byte_le
 A saved lmforge tokenizer is an HF directory: `tokenizer.json` (vocab, merges, special tokens,
 pre-tokenizer) and `tokenizer_config.json` (special-token roles and the chat template), so
 `tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast` load it directly.
+
+Readers return `BPEParts` and writers take any `BPEData` (see `parts`); `BPETokenizer` builds
+itself from the parts, so this module never imports `bpe`.
 """
 from __future__ import annotations
 
@@ -14,14 +17,13 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import UserError
 from ..io import atomic_open, ensure_writable_dir, read_json, write_json_atomic
-from .bpe import BPETokenizer
-from .byte_level import bytes_to_token_string, is_byte_level_string, token_string_to_bytes
+from .byte_level import bytes_to_token_string, is_byte_level_string
+from .parts import BPEData, BPEParts, NotByteLevelBPE, parts_from_strings
 from .pretokenize import GPT2_PATTERN
-from .special_tokens import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, MASK, PAD, chat_template_for
+from .special_tokens import DEFAULT_SPECIAL_TOKENS
 
-
-class NotByteLevelBPE(ValueError):
-    """The tokenizer.json is valid but describes something BPETokenizer cannot reproduce exactly."""
+__all__ = ["NotByteLevelBPE", "read_hf_json", "read_hf_directory", "read_gpt2_files", "read_tokenizer_config",
+           "save_hf_directory", "save_gpt2_files", "to_hf_json", "to_tiktoken"]
 
 
 # --- HF tokenizer.json ------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def _byte_level(use_regex: bool) -> dict[str, Any]:
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
 
 
-def _pre_tokenizer_json(tokenizer: BPETokenizer) -> dict[str, Any]:
+def _pre_tokenizer_json(tokenizer: BPEData) -> dict[str, Any]:
     """GPT-2's regex is HF's ByteLevel(use_regex=True); any other regex is an explicit Split."""
     steps = [{"type": "Digits", "individual_digits": True}] if tokenizer.split_digits else []
     if tokenizer.pattern == GPT2_PATTERN:
@@ -41,8 +43,8 @@ def _pre_tokenizer_json(tokenizer: BPETokenizer) -> dict[str, Any]:
     return steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
 
 
-def to_hf_json(tokenizer: BPETokenizer) -> dict[str, Any]:
-    """The `tokenizer.json` document (as a dict) for a BPETokenizer."""
+def to_hf_json(tokenizer: BPEData) -> dict[str, Any]:
+    """The `tokenizer.json` document (as a dict) of a tokenizer."""
     vocab = {bytes_to_token_string(token): index for token, index in sorted(tokenizer.vocab.items(), key=lambda item: item[1])}
     # Specials go in the model vocab too (as HF does): without them, a tokenizer whose specials are
     # not the last ids (SmolLM2's are 0..16) would get them renumbered when HF loads the file.
@@ -68,7 +70,7 @@ def to_hf_json(tokenizer: BPETokenizer) -> dict[str, Any]:
     }
 
 
-def _tokenizer_config(tokenizer: BPETokenizer) -> dict[str, Any]:
+def _tokenizer_config(tokenizer: BPEData) -> dict[str, Any]:
     roles = tokenizer.roles
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -85,7 +87,7 @@ def _tokenizer_config(tokenizer: BPETokenizer) -> dict[str, Any]:
     }
 
 
-def save_hf_directory(tokenizer: BPETokenizer, directory: str | os.PathLike) -> Path:
+def save_hf_directory(tokenizer: BPEData, directory: str | os.PathLike) -> Path:
     target = ensure_writable_dir(directory)
     write_json_atomic(target / "tokenizer.json", to_hf_json(tokenizer), indent=None)
     write_json_atomic(target / "tokenizer_config.json", _tokenizer_config(tokenizer))
@@ -111,61 +113,23 @@ def _parse_pre_tokenizer(spec: Mapping[str, Any] | None) -> tuple[str, bool]:
     if len(splits) == 1 and not byte_level.get("use_regex", True):
         split = splits[0]
         pattern = split.get("pattern", {}).get("Regex")
-        if split.get("type") == "Split" and pattern and split.get("behavior") == "Isolated" and not split.get("invert"):
+        if (split.get("type") == "Split" and isinstance(pattern, str) and pattern
+                and split.get("behavior") == "Isolated" and not split.get("invert")):
             return pattern, split_digits
     raise NotByteLevelBPE(f"its pre-tokenizer {json.dumps(spec)[:200]} is not one we reproduce")
 
 
-def _role(config: Mapping[str, Any], key: str, specials: Mapping[str, int]) -> str | None:
-    """A role token from tokenizer_config.json (a string or an AddedToken dict), if it is special."""
-    value = config.get(key)
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value in specials else None
-
-
-def _chat_template(config: Mapping[str, Any]) -> str | None:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
-        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def tokenizer_from_parts(vocab_strings: Mapping[str, int], merges: Sequence[tuple[str, str]],
-                         special_tokens: Mapping[str, int], pattern: str, split_digits: bool,
-                         config: Mapping[str, Any] | None, source: str) -> BPETokenizer:
-    """Build from byte-level strings; specials are taken out of the vocab. config: roles + template."""
-    try:
-        vocab = {token_string_to_bytes(text): index for text, index in vocab_strings.items()
-                 if text not in special_tokens}
-        byte_merges = [(token_string_to_bytes(left), token_string_to_bytes(right)) for left, right in merges]
-    except KeyError as error:
-        raise NotByteLevelBPE(f"token character {error.args[0]!r} is outside the byte-level alphabet") from None
-    config = config or {}
-    if config:
-        roles = {key: _role(config, f"{key}_token", special_tokens) for key in ("bos", "eos", "pad", "mask")}
-    else:  # no config: recognise lmforge's own names
-        roles = {"bos": None, "eos": ENDOFTEXT if ENDOFTEXT in special_tokens else None,
-                 "pad": PAD if PAD in special_tokens else None, "mask": MASK if MASK in special_tokens else None}
-    template = _chat_template(config) if config else chat_template_for(special_tokens)
-    try:
-        return BPETokenizer(vocab, byte_merges, special_tokens, pattern=pattern, split_digits=split_digits,
-                            chat_template=template, bos_token=roles["bos"], eos_token=roles["eos"],
-                            pad_token=roles["pad"], mask_token=roles["mask"])
-    except ValueError as error:
-        raise UserError(f"{source} is not a consistent byte-level BPE tokenizer ({error}); re-export it") from None
-
-
-def from_hf_json(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> BPETokenizer:
-    """A BPETokenizer from a byte-level BPE `tokenizer.json`; NotByteLevelBPE for anything else."""
+def read_hf_json(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> BPEParts:
+    """The parts of a byte-level BPE `tokenizer.json`; NotByteLevelBPE for anything else."""
     data = read_json(path, "tokenizer file")
     try:
         vocab, merges, specials, pattern, split_digits = _parse_hf_document(data, path)
-    except (AttributeError, KeyError, TypeError) as error:
+    except NotByteLevelBPE:
+        raise   # a valid file of another kind: the caller falls back to HF's implementation
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         # Valid JSON of the wrong shape (a list, an added token without "content", ...).
         raise _malformed(path, f"{type(error).__name__}: {error}") from None
-    return tokenizer_from_parts(vocab, merges, specials, pattern, split_digits, config, f"tokenizer file '{path}'")
+    return parts_from_strings(vocab, merges, specials, pattern, split_digits, config, f"tokenizer file '{path}'")
 
 
 def _malformed(path: str | os.PathLike, detail: str) -> UserError:
@@ -178,7 +142,7 @@ def _parse_hf_document(data: Any, path: str | os.PathLike
     """(vocab, merges, special tokens, regex, split_digits) of a tokenizer.json document.
 
     Raises NotByteLevelBPE for a tokenizer we do not reproduce; a document of the wrong shape
-    raises AttributeError, KeyError or TypeError, which the caller turns into one UserError.
+    raises AttributeError, KeyError, TypeError or ValueError, which the caller turns into one UserError.
     """
     if not isinstance(data, dict):
         raise TypeError(f"the document is a JSON {type(data).__name__}, not an object")
@@ -219,18 +183,19 @@ def read_tokenizer_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def load_hf_directory(directory: str | os.PathLike) -> BPETokenizer:
+def read_hf_directory(directory: str | os.PathLike) -> BPEParts:
+    """The parts of an HF tokenizer directory (tokenizer.json + optional tokenizer_config.json)."""
     folder = Path(directory)
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"'{folder}' has no tokenizer.json; give a directory written by `lmforge tokenizer train`")
     config_path = folder / "tokenizer_config.json"
     config = read_tokenizer_config(config_path) if config_path.is_file() else None
-    return from_hf_json(folder / "tokenizer.json", config)
+    return read_hf_json(folder / "tokenizer.json", config)
 
 
 # --- GPT-2 vocab.json + merges.txt ------------------------------------------------------------
 
-def save_gpt2_files(tokenizer: BPETokenizer, directory: str | os.PathLike) -> tuple[Path, Path]:
+def save_gpt2_files(tokenizer: BPEData, directory: str | os.PathLike) -> tuple[Path, Path]:
     """vocab.json maps byte-level strings (and special tokens, as GPT-2 does) to ids."""
     target = ensure_writable_dir(directory)
     vocab = {bytes_to_token_string(token): index for token, index in tokenizer.vocab.items()}
@@ -244,18 +209,25 @@ def save_gpt2_files(tokenizer: BPETokenizer, directory: str | os.PathLike) -> tu
     return vocab_path, merges_path
 
 
-def from_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                    special_tokens: Sequence[str] | None = None) -> BPETokenizer:
+def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                    special_tokens: Sequence[str] | None = None) -> BPEParts:
     """Special tokens: the ones named, else lmforge's defaults found in vocab.json, plus any
     entry that is not written in the byte alphabet (it cannot be a BPE token)."""
     vocab = read_json(vocab_path, "vocab file")
     if not isinstance(vocab, dict) or not vocab:
         raise UserError(f"vocab file '{vocab_path}' must be a non-empty JSON object of token -> id")
+    if not all(type(index) is int for index in vocab.values()):
+        raise UserError(f"vocab file '{vocab_path}' maps a token to something other than an integer id; fix the file")
     merges_file = Path(merges_path)
     if not merges_file.is_file():
         raise UserError(f"merges file '{merges_file}' does not exist; check the path")
+    try:
+        lines = merges_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"merges file '{merges_file}' is not UTF-8 text ({error.reason} at byte {error.start}); "
+                        "re-export it") from None
     merges = []
-    for number, line in enumerate(merges_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.startswith("#version") or not line.strip():
             continue
         parts = line.split(" ")
@@ -266,14 +238,14 @@ def from_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLik
     specials = {text: index for text, index in vocab.items() if text in named or not is_byte_level_string(text)}
     config = None  # lmforge's role names apply
     try:
-        return tokenizer_from_parts(vocab, merges, specials, GPT2_PATTERN, False, config, f"GPT-2 files '{vocab_path}'")
+        return parts_from_strings(vocab, merges, specials, GPT2_PATTERN, False, config, f"GPT-2 files '{vocab_path}'")
     except NotByteLevelBPE as error:
         raise UserError(f"GPT-2 files '{vocab_path}' are not byte-level BPE ({error})") from None
 
 
 # --- tiktoken ---------------------------------------------------------------------------------
 
-def to_tiktoken(tokenizer: BPETokenizer, name: str = "lmforge"):
+def to_tiktoken(tokenizer: BPEData, name: str = "lmforge"):
     """A tiktoken.Encoding with the same ids.
 
     tiktoken merges the adjacent pair whose *concatenation has the lowest id*, so it agrees with

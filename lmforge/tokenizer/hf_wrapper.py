@@ -97,13 +97,20 @@ class HFTokenizer:
         self._tokenizer.encode_special_tokens = not allow_special
         try:
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _refuse_surrogates([text])
+            raise
         finally:
             self._tokenizer.encode_special_tokens = False
 
     def encode_batch(self, texts: Iterable[str], allow_special: bool = True) -> list[list[int]]:
+        texts = list(texts)
         self._tokenizer.encode_special_tokens = not allow_special
         try:
-            return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+            return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            _refuse_surrogates(texts)
+            raise
         finally:
             self._tokenizer.encode_special_tokens = False
 
@@ -140,3 +147,15 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, model={type(self._tokenizer.model).__name__})"
+
+
+def _refuse_surrogates(texts: list[str]) -> None:
+    """HF tokenizers (Rust) take UTF-8 only and raise a bare TypeError for a lone surrogate (what
+    Python makes of undecodable bytes in argv or a file read with errors="surrogateescape")."""
+    for text in texts:
+        try:
+            if isinstance(text, str):
+                text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise UserError(f"the text holds an unpaired surrogate ({error.object[error.start]!r}), which is not "
+                            "valid Unicode; clean the text (e.g. decode its bytes with errors='replace')") from None

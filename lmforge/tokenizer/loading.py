@@ -15,8 +15,8 @@ from typing import Union
 
 from ..errors import UserError
 from .bpe import BPETokenizer
-from .formats import NotByteLevelBPE, from_gpt2_files, load_hf_directory
 from .hf_wrapper import HFTokenizer
+from .parts import NotByteLevelBPE
 
 Tokenizer = Union[BPETokenizer, HFTokenizer]
 
@@ -48,11 +48,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise UserError(f"'{location}' is not a tokenizer file; give a tokenizer directory or a .gguf file")
     if (location / "tokenizer.json").is_file():
         try:
-            return load_hf_directory(location)
+            return BPETokenizer.load(location)
         except NotByteLevelBPE:
             return HFTokenizer.from_directory(location)
     if (location / "vocab.json").is_file() and (location / "merges.txt").is_file():
-        return from_gpt2_files(location / "vocab.json", location / "merges.txt")
+        return BPETokenizer.from_gpt2_files(location / "vocab.json", location / "merges.txt")
     if (location / "tokenizer").is_dir():
         return load_tokenizer(location / "tokenizer")
     gguf_files = sorted(location.glob("*.gguf"))

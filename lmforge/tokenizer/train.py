@@ -18,16 +18,16 @@ greatest pair, comparing (left bytes, right bytes).
 from __future__ import annotations
 
 import heapq
-import multiprocessing
 import operator
 import os
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import UserError
+from ..workers import ordered_map
 from .pretokenize import PreTokenizer, resolve_pattern, split_at_safe_points
 from .special_tokens import DEFAULT_SPECIAL_TOKENS
 
@@ -50,9 +50,10 @@ def _descending_key(token: bytes) -> str:
 _worker_pretokenizer: PreTokenizer | None = None
 
 
-def _init_worker(pretokenizer: PreTokenizer) -> None:
+def _init_worker(pattern: str, split_digits: bool, special_tokens: tuple[str, ...]) -> None:
+    """Each spawned worker compiles the pre-tokenizer once (plain arguments pickle simply)."""
     global _worker_pretokenizer
-    _worker_pretokenizer = pretokenizer
+    _worker_pretokenizer = PreTokenizer(pattern, split_digits, special_tokens)
 
 
 def count_pieces_in_texts(texts: Iterable[str], pretokenizer: PreTokenizer) -> dict[str, int]:
@@ -112,21 +113,11 @@ def count_pieces(files: Sequence[Path], pretokenizer: PreTokenizer, num_workers:
     if num_workers <= 1:
         return count_pieces_in_texts(chain.from_iterable(tasks), pretokenizer)
     total: dict[str, int] = defaultdict(int)
-
-    def add(counts: dict[str, int]) -> None:
+    # At most two tasks per worker in flight, so reading never runs far ahead of counting.
+    for _, counts in ordered_map(_count_task, tasks, num_workers, _init_worker,
+                                 (pretokenizer.pattern, pretokenizer.split_digits, pretokenizer.special_tokens)):
         for piece, count in counts.items():
             total[piece] += count
-
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(pretokenizer,)) as pool:
-        # At most two tasks per worker in flight, so reading never runs far ahead of counting.
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_count_task, (task,)))
-            if len(pending) >= 2 * num_workers:
-                add(pending.popleft().get())
-        while pending:
-            add(pending.popleft().get())
     return total
 
 

@@ -31,6 +31,7 @@ def _fmt(value: float | None) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .progress import format_count
@@ -42,15 +43,16 @@ def run_list(args: argparse.Namespace) -> int:
         # Piped output has no width to respect; rich's default of 80 columns would wrap the table.
         console.width = max(console.width, 160)
     if not summaries:
-        console.print(f"no runs under '{args.root}' (a run is a folder with a metrics.jsonl)")
+        console.print(f"no runs under '{args.root}' (a run is a folder with a metrics.jsonl)", markup=False)
         return 0
-    table = Table(title=f"runs under {args.root}")
+    # Names and models come from folder names and config files: "[x]" in them is text, not rich markup.
+    table = Table(title=escape(f"runs under {args.root}"))
     for column in ("run", "objective", "model", "step", "loss", "best val", "val bpb", "tokens", "status"):
         numeric = column in ("step", "loss", "best val", "val bpb", "tokens")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for run in summaries:
         table.add_row(
-            run.name, run.objective or "-", run.model or "-",
+            escape(run.name), escape(run.objective or "-"), escape(run.model or "-"),
             "-" if run.last_step is None else str(run.last_step),
             _fmt(run.last_loss), _fmt(run.best_val_loss), _fmt(run.val_bpb),
             "-" if run.tokens_seen is None else format_count(run.tokens_seen),

@@ -50,7 +50,7 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise UserError(f"runs root '{root}' is not a directory; train a model first "
                         "(lmforge pretrain) or pass --root with the folder that holds your runs")
-    return sorted(path.parent for path in root.rglob(METRICS_FILE))
+    return sorted(path.parent for path in root.rglob(METRICS_FILE) if path.is_file())
 
 
 def resolve_run(ref: str | os.PathLike, root: str | os.PathLike = "runs") -> Path:
@@ -69,15 +69,34 @@ def resolve_run(ref: str | os.PathLike, root: str | os.PathLike = "runs") -> Pat
     raise UserError(f"run '{ref}' is neither a run directory nor a run name{hint}")
 
 
-def _last(rows: list[dict[str, Any]], key: str) -> Any:
+def _number(value: Any, finite: bool = True) -> float | None:
+    """A metric value as a float, or None when it is not a number.
+
+    metrics.jsonl may be hand-edited or damaged: `"loss": "y"`, `true`, a list or a 400-digit
+    integer is skipped for that figure instead of breaking the table. JSON reads 1e999 as infinity
+    and writes a diverged loss as NaN: with finite=False those are kept (a table should show that
+    a run diverged), with finite=True (steps, counts, plots) they are skipped too.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:   # an int too large for a float (JSON allows any number of digits)
+        return None
+    return number if not finite or math.isfinite(number) else None
+
+
+def _last(rows: list[dict[str, Any]], key: str, finite: bool = True) -> float | None:
+    """The latest numeric value of `key`."""
     for row in reversed(rows):
-        if row.get(key) is not None:
-            return row[key]
+        value = _number(row.get(key), finite)
+        if value is not None:
+            return value
     return None
 
 
 def _best(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+    values = [value for value in (_number(row.get(key)) for row in rows) if value is not None]
     return min(values) if values else None
 
 
@@ -101,15 +120,15 @@ def _config_summary(run_dir: Path) -> tuple[str | None, str | None]:
 
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None, None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError):
+        return None, None   # the table shows "-": a damaged config must not hide the run
     if not isinstance(config, dict):
         return None, None
     sections = [config] + [value for value in config.values() if isinstance(value, dict)]
     objective = next((s["objective"] for s in sections if isinstance(s.get("objective"), str)), None)
     model = config.get("model") or config.get("preset")
     if objective is None and isinstance(model, dict):
-        objective = {"gpt": "clm", "bert": "mlm"}.get(model.get("arch"))
+        objective = {"gpt": "clm", "bert": "mlm"}.get(str(model.get("arch")))
     if isinstance(model, dict):
         name = model.get("preset") or model.get("name")
         if name is None and "arch" in model:
@@ -141,17 +160,19 @@ class RunSummary:
 
 def summarize_run(run_dir: str | os.PathLike, name: str | None = None) -> RunSummary:
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    # Every row the tracker writes has a step; a row without a finite one is damaged: skipped whole.
+    rows = [row for row in read_metrics(run_dir) if _number(row.get("step")) is not None]
     objective, model = _config_summary(run_dir)
-    steps = [row["step"] for row in rows if isinstance(row.get("step"), (int, float))]
+    steps = [_number(row["step"]) for row in rows]
+    tokens_seen = _last(rows, "tokens_seen")
     return RunSummary(
         name=name or run_dir.name, path=run_dir, objective=objective, model=model,
         last_step=int(max(steps)) if steps else None,
-        last_loss=_last(rows, "loss"),
+        last_loss=_last(rows, "loss", finite=False),
         best_val_loss=_best(rows, "val_loss"),
         # bpb of the best-val-loss eval would hide a later regression; the latest is what the model is.
-        val_bpb=_last(rows, "val_bpb"),
-        tokens_seen=_last(rows, "tokens_seen"),
+        val_bpb=_last(rows, "val_bpb", finite=False),
+        tokens_seen=int(tokens_seen) if tokens_seen is not None else None,
         finished=any((run_dir / marker).exists() for marker in FINISHED_MARKERS),
         modified=(run_dir / METRICS_FILE).stat().st_mtime,
     )
@@ -165,16 +186,20 @@ def list_runs(root: str | os.PathLike = "runs") -> list[RunSummary]:
 
 def _series(rows: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
     """(xs, ys) of `key`, skipping rows without it (or without a finite value)."""
+    # Eval rows may lack tokens_seen; take it from the train row of the same step.
+    tokens_at_step = {}
     if x == "tokens":
-        # Eval rows may lack tokens_seen; take it from the train row of the same step.
-        tokens_at_step = {row["step"]: row["tokens_seen"] for row in rows
-                          if row.get("tokens_seen") is not None and "step" in row}
+        for row in rows:
+            step, tokens = _number(row.get("step")), _number(row.get("tokens_seen"))
+            if step is not None and tokens is not None:
+                tokens_at_step[step] = tokens
     xs, ys = [], []
     for row in rows:
-        value = row.get(key)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or "step" not in row:
+        value, step = _number(row.get(key)), _number(row.get("step"))
+        if value is None or step is None:
             continue
-        position = row["step"] if x == "step" else row.get("tokens_seen", tokens_at_step.get(row["step"]))
+        tokens = _number(row.get("tokens_seen"))
+        position = step if x == "step" else tokens if tokens is not None else tokens_at_step.get(step)
         if position is None:
             continue
         xs.append(position)
