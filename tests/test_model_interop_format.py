@@ -126,7 +126,16 @@ def test_bad_lmforge_directories_are_clear_errors(tmp_path):
         load(tmp_path / "m")
 
     config_file.write_text(json.dumps({**good, "n_layers": 3}))
-    with pytest.raises(UserError, match="lacks the tensor 'transformer.blocks.2"):
+    with pytest.raises(UserError, match="says n_layers=3 but '.*model.safetensors' holds 2 blocks"):
+        load(tmp_path / "m")
+    config_file.write_text(json.dumps({**good, "n_layers": 10**8}))     # refused before anything is built
+    with pytest.raises(UserError, match="holds 2 blocks"):
+        load(tmp_path / "m")
+    config_file.write_text(json.dumps({**good, "n_layers": 2.5}))
+    with pytest.raises(UserError, match="n_layers=2.5, which is not an integer"):
+        load(tmp_path / "m")
+    config_file.write_text("[1, 2]")
+    with pytest.raises(UserError, match="must be a JSON object"):
         load(tmp_path / "m")
 
     config_file.write_text(json.dumps({**good, "n_layerz": 3}))

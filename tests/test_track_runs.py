@@ -157,3 +157,12 @@ def test_a_diverged_run_still_shows_its_nan_loss(tmp_path):
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as log:
         log.write('{"step": 6, "loss": NaN}\n')
     assert math.isnan(list_runs(tmp_path)[0].last_loss)
+
+
+def test_metrics_lines_too_large_or_deep_for_json_are_skipped(tmp_path):
+    from lmforge.track.tracker import read_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": ' + "9" * 5000 + '}\n' + "[" * 100000 + "\n"
+                   '{"step": 2, "loss": 1.5}\n')
+    assert read_jsonl(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]

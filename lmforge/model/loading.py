@@ -114,8 +114,11 @@ def _has_gguf_magic(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-def is_lmforge_config(data: dict[str, Any]) -> bool:
+def is_lmforge_config(data: Any) -> bool:
     """Our config.json says "format": "lmforge"; a bare ModelConfig dict (arch, no model_type) counts too."""
+    if not isinstance(data, dict):
+        raise UserError("a model's config.json must be a JSON object of settings, not "
+                        f"{type(data).__name__}; re-export the model")
     return data.get("format") == FORMAT or ("arch" in data and "model_type" not in data)
 
 
@@ -192,15 +195,21 @@ def resolve_config(ref: str | os.PathLike) -> ModelConfig:
 
 def _lmforge_config(directory: Path) -> ModelConfig:
     config_file = directory / "config.json"
-    data = dict(read_json(config_file, "model config"))
+    from .hf.families import checked_types
+
+    data = read_json(config_file, "model config")
+    is_lmforge_config(data)                          # a JSON object, or a clear error
+    data = dict(data)
     for key in ("format", "base_model", "peft"):    # an adapter checkpoint also names its base
         data.pop(key, None)
     try:
-        return ModelConfig.from_dict(data)
+        config = ModelConfig.from_dict(data)
     except UserError as error:
         raise UserError(f"'{config_file}': {error}") from None
-    except TypeError as error:
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as error:
         raise UserError(f"'{config_file}' is not a valid lmforge model config ({error}); re-export the model") from None
+    # JSON may say 2.5 layers or 1e999 tokens: the types are checked before anything is built.
+    return checked_types(config, f"'{config_file}'")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -308,17 +317,23 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
     file = source.weights
     if not file.is_file():
         raise UserError(f"'{source.path}' has no {file.name}; the model directory is incomplete (re-export it)")
+    from .hf.importing import expected_shapes
+
     state = read_safetensors(file)
-    model = build_model(config)
-    expected = model.state_dict()
-    for name, tensor in expected.items():   # in model order, so the first mismatch is reported
-        if name in state and state[name].shape != tensor.shape:
+    blocks = {int(name.split(".")[2]) for name in state if name.startswith("transformer.blocks.")}
+    if len(blocks) != config.n_layers:      # checked first: building 10^8 layers, even on meta, never ends
+        raise UserError(f"'{source.path / 'config.json'}' says n_layers={config.n_layers} but '{file}' holds "
+                        f"{len(blocks)} blocks; the weights and config.json do not match")
+    expected = expected_shapes(config)      # on the meta device: a bad config costs no memory
+    for name, shape in expected.items():    # in model order, so the first mismatch is reported
+        if name in state and state[name].shape != shape:
             raise UserError(f"tensor '{name}' in '{file}' has shape {list(state[name].shape)} but config.json "
-                            f"implies {list(tensor.shape)}; the weights and config.json do not match")
+                            f"implies {list(shape)}; the weights and config.json do not match")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise UserError(f"'{file}' has a tensor '{unexpected[0]}' that the model in config.json does not have; "
                         "the weights and config.json do not match")
+    model = build_model(config)
     absent = sorted(set(expected) - set(state) - tied_names(model))
     if absent:
         raise UserError(f"'{file}' lacks the tensor '{absent[0]}' ({len(absent)} missing); "

@@ -49,7 +49,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         for line in handle:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):    # JSONDecodeError, an int over 4,300 digits, deep nesting
                 continue
             if isinstance(row, dict):
                 rows.append(row)
