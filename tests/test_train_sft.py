@@ -243,3 +243,21 @@ def test_lora_sft_keeps_adapters_in_checkpoints_exports_merged_and_resumes_exact
     torch.manual_seed(1337)                                             # the seed sft built the base with
     base, _ = load("nano", tokenizer=tokenizer_dir)
     assert not torch.allclose(final(ids), base(ids), atol=1e-3)        # the adapters did learn something
+
+
+def test_a_long_held_out_chat_is_asked_its_latest_turn_that_fits(tokenizer_dir, tmp_path):
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.sft import load_sft_config
+    from lmforge.train.sft_data import prepare_sft_data
+
+    long_turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Yes."}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": long_turns}) + "\n" for _ in range(6)))
+    config = load_sft_config(None, [f"data={data}", "val_examples=5", "seq_len=64", "answer_tokens=8",
+                                    "eval_prompts=6"])
+    prepared = prepare_sft_data(config, load_tokenizer(tokenizer_dir))
+    references = sorted(prompt.reference for prompt in prepared.prompts)
+    # Every held-out chat gave a prompt: its first turn, as the last one does not fit in seq_len.
+    assert len(prepared.prompts) == 5 and references == ["Hello."] * 5
+    assert all(len(prompt.prompt_ids) + 8 <= 64 for prompt in prepared.prompts)

@@ -91,11 +91,14 @@ def prepare_sft_data(config: Any, tokenizer: Any, rank: int = 0, world_size: int
     prompts = []
     for conversation in held_out[:config.eval_prompts]:
         messages = conversation.messages
-        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        prompt_ids, _ = render_chat_ids(tokenizer, messages[:last], add_generation_prompt=True)
-        if len(prompt_ids) + config.answer_tokens > config.seq_len:
-            continue       # too long to answer within the context we train
-        prompts.append(HeldOutPrompt(messages[:last], prompt_ids, messages[last]["content"], conversation.meta))
+        # The latest reply whose conversation so far leaves room for an answer within seq_len
+        # (long multi-turn chats are asked an earlier turn rather than skipped).
+        for reply in reversed([i for i, message in enumerate(messages) if message["role"] == "assistant"]):
+            prompt_ids, _ = render_chat_ids(tokenizer, messages[:reply], add_generation_prompt=True)
+            if len(prompt_ids) + config.answer_tokens <= config.seq_len:
+                prompts.append(HeldOutPrompt(messages[:reply], prompt_ids, messages[reply]["content"],
+                                             conversation.meta))
+                break
     return SFTData(
         train=SFTBatches(train_examples, **batch_args),
         # Validation packs like training (the loss is the same objective) but keeps a fixed order.
