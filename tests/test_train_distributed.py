@@ -13,8 +13,8 @@ from lmforge.track.tracker import read_jsonl
 from lmforge.train import CausalLMObjective, Trainer, TrainConfig
 from lmforge.train.checkpoint import list_checkpoints
 
-from train_support import (CountingBatches, SplitBatches, distributed_worker, make_shakespeare_shards, sft_arguments,
-                           tiny_gpt, write_arithmetic_chats)
+from train_support import (CountingBatches, ReferenceAnchored, SplitBatches, distributed_worker, make_shakespeare_shards,
+                           sft_arguments, tiny_gpt, write_arithmetic_chats)
 
 STEPS = 3
 
@@ -94,3 +94,17 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, tmp_path_factory):
     single = load_file(tmp_path / "sft-single" / "model.safetensors")
     for name, tensor in load_file(tmp_path / "sft-ddp" / "model.safetensors").items():
         torch.testing.assert_close(tensor, single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # A frozen reference model through prepare/setup: 2 processes equal 1 process, DDP and FSDP.
+    torch.manual_seed(0)
+    config = TrainConfig(max_steps=STEPS, batch_size=1, grad_accum=4, lr=1e-2, warmup_steps=0, log_interval=1,
+                         eval_interval=0, checkpoint_interval=0, progress=False)
+    single = Trainer(tiny_gpt(), ReferenceAnchored(), SplitBatches(CountingBatches(4, 16, padded=True), 1), config,
+                     run_dir=tmp_path / "anchored-single", frozen_models={"reference": tiny_gpt(seed=10)})
+    single_losses = [row["loss"] for row in single.fit().history]
+    for strategy in ("ddp", "fsdp"):
+        rank0 = torch.load(tmp_path / f"anchored-{strategy}" / "rank0.pt", weights_only=True)
+        assert rank0["losses"] == pytest.approx(single_losses, rel=1e-5), strategy
+        for name, param in single.raw.named_parameters():
+            torch.testing.assert_close(rank0["params"][name], param.detach(), rtol=1e-4, atol=1e-5,
+                                       msg=f"{strategy} {name}")

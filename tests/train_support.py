@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from lmforge.model import build_model, get_preset
+from lmforge.train import CausalLMObjective
+from lmforge.train.losses import token_logprobs
 
 VOCAB = 64
 
@@ -148,6 +150,19 @@ def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, step
         resumed = trainer("fsdp", "fsdp-resumed", checkpoint_interval=steps - 1)
         save(resumed, resumed.fit(resume_from=latest_checkpoint(f"{out_dir}/fsdp-resumed")), "fsdp-resumed")
 
+        # An objective with a frozen reference model (its log-probs computed in `prepare`), under
+        # both strategies; each rank builds the reference from another seed, so the Trainer must
+        # give every process rank 0's (broadcast under DDP, sharded under FSDP).
+        for strategy in ("ddp", "fsdp"):
+            source = SplitBatches(CountingBatches(4, 16, padded=True, rows=slice(2 * rank, 2 * rank + 2)), 1)
+            config = TrainConfig(max_steps=steps, batch_size=1, grad_accum=2, lr=1e-2, warmup_steps=0,
+                                 log_interval=1, eval_interval=0, checkpoint_interval=0, progress=False,
+                                 distributed=strategy)
+            anchored = Trainer(tiny_gpt(seed=rank), ReferenceAnchored(), source, config,
+                               run_dir=f"{out_dir}/anchored-{strategy}", context=context,
+                               frozen_models={"reference": tiny_gpt(seed=10 + rank)})
+            save(anchored, anchored.fit(), f"anchored-{strategy}")
+
         code = cli.main(["pretrain", "--config", "shakespeare-gpt", f"data={shards}", f"out_dir={out_dir}",
                          "name=cli", "preset=nano", "seq_len=64", "batch_size=8", "max_steps=6", "log_interval=3",
                          "eval_interval=6", "eval_batches=2", "checkpoint_interval=6", "sample_tokens=0",
@@ -159,6 +174,25 @@ def distributed_worker(rank: int, world_size: int, port: int, out_dir: str, step
         torch.save({"exit_code": code}, f"{out_dir}/sft-rank{rank}.pt")
     finally:
         shutdown_distributed(context)
+
+
+class ReferenceAnchored(CausalLMObjective):
+    """Causal-LM loss plus a squared log-prob distance to a frozen reference, whose log-probs come
+    from `prepare` (a DPO/PPO-shaped use of frozen models)."""
+
+    def setup(self, ctx) -> None:
+        self.reference = ctx.frozen["reference"]
+
+    def prepare(self, batch, ctx):
+        with ctx.autocast():
+            batch["ref_logps"] = token_logprobs(self.reference(batch["input_ids"]), batch["labels"])
+        return batch
+
+    def __call__(self, model, batch):
+        output = super().__call__(model, batch)
+        logps = token_logprobs(model(batch["input_ids"]), batch["labels"])
+        output.loss = output.loss + (logps - batch["ref_logps"]).square().sum()
+        return output
 
 
 def sft_arguments(model: str, data: str, out_dir: str, name: str, **extra) -> list[str]:

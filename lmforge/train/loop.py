@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from . import trainer_state
 from .config import TrainConfig
 from .context import TrainContext, freeze, move_tensors
-from .distributed import (DistributedContext, full_tensor, gradient_sync, shard_model,
+from .distributed import (DistributedContext, broadcast_weights, full_tensor, gradient_sync, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
 from .objectives import MetricSums, Objective
@@ -163,9 +163,10 @@ class Trainer:
         self.schedule = LRSchedule(config.schedule, config.lr, config.min_lr, config.warmup_steps,
                                    config.decay_fraction)
         frozen = {name: freeze(module, self.device) for name, module in (frozen_models or {}).items()}
-        if self.context.is_distributed and config.distributed == "fsdp":
-            for module in frozen.values():
-                shard_model(module)
+        for module in frozen.values() if self.context.is_distributed else ():
+            # Every process must hold the same frozen weights: sharded like the policy under FSDP
+            # (which broadcasts first), broadcast from rank 0 under DDP.
+            shard_model(module) if config.distributed == "fsdp" else broadcast_weights(module)
         self.ctx = TrainContext(self, frozen)
         objective.setup(self.ctx)
         self.flops_per_token = flops_per_token
