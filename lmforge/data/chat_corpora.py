@@ -248,7 +248,7 @@ def _reasoning_gym() -> types.ModuleType:
 
 
 class _MissingPycosat(UserError, AttributeError):
-    pass
+    """The stand-in's error: a UserError for people, an AttributeError for getattr(module, name, default)."""
 
 
 def _json_safe(value: Any) -> Any:

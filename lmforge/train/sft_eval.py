@@ -89,8 +89,8 @@ def cpu_description() -> str:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    except OSError:
-        pass
+    except OSError:         # no /proc (not Linux): the architecture name is all we can say
+        return f"{name} (bf16 support unknown)"
     native = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
     return f"{name} ({', '.join(native) if native else 'no native bf16'})"
 
