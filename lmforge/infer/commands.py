@@ -17,6 +17,9 @@ from ..errors import UserError
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="REF",
                         help="a run/checkpoint dir, an HF dir, a .gguf file, a preset, or smollm2-135m-instruct")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), "
+                             "merged into the model once at load time")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
@@ -78,11 +81,22 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     if max_seq_len is not None and max_seq_len < 1:
         raise UserError(f"--max-seq-len {max_seq_len} is below 1; use a positive context length, or leave it out")
     model, tokenizer = load(args.model, device=device)
+    if getattr(args, "adapter", None):
+        model = merge_adapter(model, args.adapter)
     if tokenizer is None:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
                   max_seq_len=max_seq_len, compile=getattr(args, "compile", False))
+
+
+def merge_adapter(model: Any, adapter_dir: str) -> Any:
+    """`model` with a PEFT-format LoRA adapter merged in: a plain model again, so decoding costs
+    nothing extra (and the compiled decode step sees ordinary linear layers)."""
+    from ..peft.adapter_format import load_adapter
+    from ..peft.lora import unload_lora
+
+    return unload_lora(load_adapter(model, adapter_dir), merge=True).eval()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "hf: transformers config.json + model.safetensors + tokenizer files")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to save with the model (default: the model's own)")
+    parser.add_argument("--merge-adapter", default=None, metavar="DIR",
+                        help="merge a LoRA adapter in PEFT's format into the weights before saving")
     parser.set_defaults(func=run_convert)
 
 
@@ -33,6 +35,10 @@ def run_convert(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         model, tokenizer = load(args.ref, dtype=args.dtype, tokenizer=args.tokenizer)
+    if args.merge_adapter:
+        from ..infer.commands import merge_adapter
+
+        model = merge_adapter(model, args.merge_adapter)
     if args.format == "hf":
         from .hf import hf_family_for
 
