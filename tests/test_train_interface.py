@@ -237,3 +237,16 @@ def test_the_engine_leaves_the_callers_model_in_its_mode():
                                                                                              temperature=0))
     assert len(result[0].token_ids) == 3
     assert model.training and all(module.training for module in model.modules())
+
+
+def test_a_partly_frozen_model_keeps_its_frozen_weights_in_checkpoints(tmp_path):
+    """Only a checkpoint that names its base (LoRA) leaves the frozen weights out; a model with some
+    weights frozen by hand still checkpoints them, so the checkpoint loads on its own."""
+    from lmforge.model.loading import load
+
+    model = tiny_gpt()
+    model.transformer.embed_tokens.weight.requires_grad_(False)
+    result = Trainer(model, ValueRegression(64), CountBatches(), _config(max_steps=2, checkpoint_interval=2),
+                     run_dir=tmp_path).fit()
+    loaded, _ = load(result.checkpoint)
+    torch.testing.assert_close(loaded.transformer.embed_tokens.weight, model.transformer.embed_tokens.weight)

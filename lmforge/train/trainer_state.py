@@ -34,9 +34,10 @@ def save_checkpoint(trainer: "Trainer", val_loss: float | None, train_loss: floa
         return path
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    # A frozen base (LoRA) is the same at every step: checkpoints hold the trained tensors only,
-    # and checkpoint_config says how to rebuild the rest (see lmforge.model.loading).
-    frozen = frozen_names(trainer.raw)
+    # A frozen base (LoRA) is the same at every step: when checkpoint_config names it
+    # ("base_model"), checkpoints hold the trained tensors only and lmforge.load rebuilds the rest.
+    # Other frozen weights (a partly frozen model) stay in the checkpoint, which then loads alone.
+    frozen = frozen_names(trainer.raw) if "base_model" in (trainer.checkpoint_config or {}) else set()
     model_state = {k: v for k, v in get_model_state_dict(trainer.raw, options=full).items() if k not in frozen}
     optimizer_state = get_optimizer_state_dict(trainer._optimized, trainer.optimizer, options=full)
     ema_state = ({name: full_tensor(t).cpu() for name, t in trainer.ema.state_dict().items()}
@@ -84,7 +85,9 @@ def load_checkpoint(trainer: "Trainer", path: str | Path) -> None:
     full = StateDictOptions(full_state_dict=True, strict=False)
     weights = ckpt.load_tensors(path / "model.safetensors")
     incompatible = set_model_state_dict(trainer.raw, weights, options=full)
-    missing = set(incompatible.missing_keys) - tied_names(trainer.raw) - frozen_names(trainer.raw)
+    missing = set(incompatible.missing_keys) - tied_names(trainer.raw)
+    if "base_model" in (trainer.checkpoint_config or {}):
+        missing -= frozen_names(trainer.raw)      # the base comes from base_model, not the checkpoint
     if missing or incompatible.unexpected_keys:
         raise UserError(f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(incompatible.unexpected_keys)[:3]}); use the run's own config")
