@@ -47,7 +47,7 @@ from .ema import EMA
 from .objectives import MetricSums, Objective
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import LRSchedule
-from .throughput import memory_gb, peak_flops, resolve_precision
+from .throughput import ThroughputWindow, memory_gb, peak_flops, resolve_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -185,7 +185,7 @@ class Trainer:
         self._saved_step = -1
         self._time_up = False
         self._step_seconds: list[float] = []
-        self._window = _ThroughputWindow()
+        self._window = ThroughputWindow()
 
     # ------------------------------------------------------------------ the loop
 
@@ -432,23 +432,6 @@ class StepStats:
     grad_norm: float             # global gradient norm before clipping
     tokens: int                  # input tokens of the step (all processes)
     lr: float
-
-
-class _ThroughputWindow:
-    """Tokens and training seconds since the last log (evaluation and checkpoint time excluded)."""
-
-    def __init__(self) -> None:
-        self.tokens, self.seconds = 0, 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.seconds += seconds
-
-    def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def reset(self) -> None:
-        self.tokens, self.seconds = 0, 0.0
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:

@@ -111,3 +111,20 @@ def memory_gb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
+
+
+class ThroughputWindow:
+    """Tokens and training seconds since the last log (evaluation and checkpoint time excluded)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
