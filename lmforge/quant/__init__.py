@@ -1,0 +1,26 @@
+"""lmforge.quant: weight quantization from scratch (NF4, QLoRA's 4-bit NormalFloat).
+
+    from lmforge.quant import quantize_nf4, dequantize_nf4, NF4Linear
+    q = quantize_nf4(linear.weight)            # NF4Tensor: packed uint8, absmax (double-quantized)
+    layer = NF4Linear.from_linear(linear)      # frozen 4-bit weight, dequantized in forward
+
+Names are imported on first use, so importing lmforge.quant does not load torch.
+"""
+from __future__ import annotations
+
+from ..lazy import lazy_getattr
+
+_LAZY = {
+    "NF4Tensor": "lmforge.quant.nf4",
+    "NF4Linear": "lmforge.quant.nf4",
+    "quantize_nf4": "lmforge.quant.nf4",
+    "dequantize_nf4": "lmforge.quant.nf4",
+    "unpack_nf4": "lmforge.quant.nf4",
+    "nf4_code": "lmforge.quant.nf4",
+    "dynamic_code": "lmforge.quant.nf4",
+}
+
+__all__ = sorted(_LAZY)
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY)
