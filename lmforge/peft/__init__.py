@@ -29,7 +29,7 @@ _LAZY = {
     "merged_state_dict": "lmforge.peft.lora",
     "unload_lora": "lmforge.peft.lora",
     "describe_lora": "lmforge.peft.lora",
-    "linear_slices": "lmforge.peft.lora",
+    "linear_slices": "lmforge.peft.targets",
     "save_adapter": "lmforge.peft.adapter_format",
     "load_adapter": "lmforge.peft.adapter_format",
     "read_adapter_config": "lmforge.peft.adapter_format",

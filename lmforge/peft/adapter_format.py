@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_json_atomic
-from .lora import (LoRAConfig, Slice, has_lora, install_lora, linear_slices, lora_layers)
+from .lora import LoRAConfig, has_lora, install_lora, lora_layers
+from .targets import Slice, linear_slices
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
