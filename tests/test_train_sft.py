@@ -166,6 +166,9 @@ def test_sft_resume_is_exact(tokenizer_dir, tmp_path):
     losses = {run: [json.loads(line).get("loss") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("straight", "resumed")}
     assert [x for x in losses["straight"] if x is not None] == [x for x in losses["resumed"] if x is not None]
+    # The resumed session's report still compares with the base model evaluated in the first session.
+    reports = {run: json.loads((tmp_path / run / "report.json").read_text()) for run in ("straight", "resumed")}
+    assert reports["resumed"]["before"] == reports["straight"]["before"] and reports["resumed"]["before"]
 
 
 def test_sft_on_a_scored_reasoning_gym_task_reports_answer_accuracy(tokenizer_dir, tmp_path):

@@ -102,7 +102,13 @@ def write_report(config: Any, data: Any, evaluation: SFTEvaluation, result: Any,
 
     run_dir = Path(result.run_dir)
     steps = sorted(evaluation.metrics)
-    before = evaluation.metrics.get(0) if 0 in evaluation.metrics else None
+    before = evaluation.metrics.get(0)
+    if before is None:
+        # A resumed run evaluated its base model in an earlier session: the step-0 row of its log.
+        from ..track.runs import read_metrics
+
+        start = [row for row in read_metrics(run_dir) if row.get("step") == 0 and "val_loss" in row]
+        before = {key: value for key, value in start[-1].items() if key.startswith("val_")} if start else None
     after = evaluation.metrics.get(result.step, result.eval_metrics)
     rows = [row for row in result.history if "tokens_per_s" in row]
     steady = rows[len(rows) // 5:] or rows
