@@ -41,12 +41,25 @@ STAGES: list[tuple[str, list[Command]]] = [
     ]),
     ("Stage 4 - fine-tuning", [
         Command("sft", "lmforge.train.sft_command", "supervised fine-tuning on chat data (assistant-only loss, packing)"),
+        Command("zero", "lmforge.train.zero_command", "peak memory per rank under DDP and FSDP2 (ZeRO stages 0-3)"),
     ]),
-    ("Stage 6 - inference and deployment", [
+    ("Stage 5 - alignment", [
+        Command("align", "lmforge.align.commands", "preference pairs, reward models, DPO, PPO, GRPO, Constitutional AI"),
+    ]),
+    ("Stage 6 - evaluation, inference and deployment", [
+        Command("eval", "lmforge.eval.commands", "benchmarks: perplexity, multiple choice, GSM8K, HumanEval, lm-eval tasks"),
+        Command("arena", "lmforge.eval.arena_command", "LMSYS-style battles between two models, Elo and Bradley-Terry"),
+        Command("leaderboard", "lmforge.eval.leaderboard_command", "an Open-LLM-style table of every evaluated model"),
         Command("generate", "lmforge.infer.commands", "generate text from a prompt"),
         Command("chat", "lmforge.infer.chat_command", "chat with a model in the terminal"),
         Command("serve", "lmforge.serve.commands", "OpenAI-compatible HTTP API with continuous batching"),
         Command("web", "lmforge.serve.web_command", "Gradio web chat demo"),
+        Command("quantize", "lmforge.quant.commands", "LLM.int8 outliers, int8/NF4/Q4_0 weights and their perplexity"),
+    ]),
+    ("Research directions", [
+        Command("rag", "lmforge.rag.commands", "retrieval-augmented generation: index a corpus, ask with citations"),
+        Command("toolformer", "lmforge.labs.toolformer_command", "tool use: calculator/retrieval calls, Toolformer's data filter"),
+        Command("metaicl", "lmforge.labs.metaicl_command", "MetaICL: meta-train on k-shot episodes, test on held-out tasks"),
     ]),
 ]
 
@@ -54,7 +67,10 @@ COMMANDS = {command.name: command for _, commands in STAGES for command in comma
 
 
 def _available(command: Command) -> bool:
-    return importlib.util.find_spec(command.module) is not None
+    try:
+        return importlib.util.find_spec(command.module) is not None
+    except ModuleNotFoundError:  # its package is not there (yet)
+        return False
 
 
 def top_level_help() -> str:
