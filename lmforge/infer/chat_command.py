@@ -12,7 +12,8 @@ from typing import Any
 
 from ..cli import HelpFormatter
 from ..errors import UserError
-from .commands import add_model_arguments, add_sampling_arguments, load_engine, sampling_from_args
+from .commands import (add_model_arguments, add_sampling_arguments, add_tool_arguments, load_engine, sampling_from_args,
+                       tools_from_args)
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
 
@@ -24,18 +25,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_arguments(parser)
+    add_tool_arguments(parser)
     parser.set_defaults(func=run)
 
 
 class ChatSession:
     """The conversation so far, and a reply streamed for each new user message."""
 
-    def __init__(self, engine: Any, params: Any, system: str | None = None) -> None:
+    def __init__(self, engine: Any, params: Any, system: str | None = None, tools: Any = None) -> None:
         self.engine, self.params, self.system = engine, params, system
         self.turns: list[dict[str, str]] = []   # user/assistant messages, oldest first
+        self.tools = tools                      # a ToolRegistry (--tools): replies go through the tool loop
 
     def messages(self) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
+        system_text = "\n\n".join(part for part in (self.system, self.tools and self.tools.describe()) if part)
+        system = [{"role": "system", "content": system_text}] if system_text else []
         return system + self.turns
 
     def reset(self) -> None:
@@ -46,8 +50,14 @@ class ChatSession:
         self.turns.append({"role": "user", "content": user_text})
         prompt_ids = self._fitting_prompt()
         pieces = []
+        if self.tools is not None:
+            from .tools import ToolLoop
+
+            stream = ToolLoop(self.engine, self.tools).stream(prompt_ids, self.params)
+        else:
+            stream = self.engine.stream(prompt_ids, self.params)
         try:
-            for piece in self.engine.stream(prompt_ids, self.params):
+            for piece in stream:
                 pieces.append(piece)
                 yield piece
         except BaseException:
@@ -62,14 +72,15 @@ class ChatSession:
 
         messages, prompt_ids = fit_chat(self.engine.tokenizer, self.engine.context_length, self.messages(),
                                         self.params.max_new_tokens)
-        self.turns = messages[1:] if self.system else messages
+        self.turns = messages[1:] if messages[0]["role"] == "system" else messages
         return prompt_ids
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
+    tools = tools_from_args(args)
     engine = load_engine(args, max_batch_size=1)
-    session = ChatSession(engine, params, args.system)
+    session = ChatSession(engine, params, args.system, tools)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model}; {HELP}")

@@ -43,6 +43,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     group.add_argument("--seed", type=int, default=None)
 
 
+def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tools")
+    group.add_argument("--tools", default=None, metavar="NAMES",
+                       help="let the model call tools while it writes, Toolformer's '[calculator(2+3)→ 5]' markup "
+                            "(comma-separated: calculator, retrieval)")
+    group.add_argument("--tool-index", default=None, metavar="DIR",
+                       help="the RAG index the retrieval tool searches (from `lmforge rag index`)")
+
+
+def tools_from_args(args: argparse.Namespace) -> Any:
+    """The ToolRegistry that --tools asks for, or None."""
+    if not getattr(args, "tools", None):
+        return None
+    from .tools import ToolRegistry
+
+    return ToolRegistry.builtin(args.tools, getattr(args, "tool_index", None) or getattr(args, "rag", None))
+
+
 def sampling_from_args(args: argparse.Namespace):
     from .sampling import SamplingParams
 
@@ -112,6 +130,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt (with --chat)")
     parser.add_argument("--stats", action="store_true", help="print tokens, speed and finish reason to stderr")
     add_sampling_arguments(parser)
+    add_tool_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -119,8 +138,11 @@ def run(args: argparse.Namespace) -> int:
     from .chat import render_chat_ids
 
     params = sampling_from_args(args)
+    tools = tools_from_args(args)
     engine = load_engine(args, max_batch_size=len(args.prompt))
     prompts = list(args.prompt)
+    if tools is not None:
+        return _run_with_tools(args, engine, tools, params)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [render_chat_ids(engine.tokenizer, system + [{"role": "user", "content": p}],
@@ -144,4 +166,34 @@ def run(args: argparse.Namespace) -> int:
         reasons = ", ".join(r.finish_reason for r in results)
         print(f"[{tokens} tokens in {seconds:.2f}s, {tokens / seconds:.1f} tokens/s; finish: {reasons}]",
               file=sys.stderr)
+    return 0
+
+
+def _run_with_tools(args: argparse.Namespace, engine: Any, tools: Any, params: Any) -> int:
+    """generate --tools: each prompt through the tool loop (lmforge.infer.tools); calls listed on stderr."""
+    from .chat import render_chat_ids
+    from .tools import ToolLoop
+
+    loop = ToolLoop(engine, tools)
+    prompts: list = list(args.prompt)
+    if args.chat:   # the tools are described in the system prompt
+        system = "\n\n".join(part for part in (args.system, tools.describe()) if part)
+        prompts = [render_chat_ids(engine.tokenizer, [{"role": "system", "content": system},
+                                                      {"role": "user", "content": p}], add_generation_prompt=True)[0]
+                   for p in prompts]
+    if len(prompts) == 1:
+        for piece in loop.stream(prompts[0], params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        results = [loop.last]
+    else:
+        results = loop.generate(prompts, params)
+        for index, result in enumerate(results):
+            print(f"--- [{index}] {args.prompt[index]!r}")
+            print(result.text)
+    for index, result in enumerate(results):
+        for call in result.calls:
+            print(f"[tool {index}: {call.raw}) -> {call.result if call.error is None else 'error: ' + call.error}]",
+                  file=sys.stderr)
     return 0

@@ -26,6 +26,20 @@ from ..errors import UserError
 from .special_tokens import CHATML_TEMPLATE, END_TOKENS
 
 ROLES = ("system", "user", "assistant", "tool")
+# Tool calls are written inline in the assistant's text, in Toolformer's markup
+# "[name(arguments)→ result]": an assistant message's OpenAI `tool_calls` and the `tool` messages
+# answering them render as one assistant turn (lmforge.infer.tools decodes the same markup).
+TOOL_CALL_OPEN, TOOL_CALL_ARROW, TOOL_CALL_CLOSE = "[", "→", "]"
+
+
+def format_tool_call(name: str, arguments: str) -> str:
+    """'[name(arguments)→': a call up to the point where the model stops and the tool runs."""
+    return f"{TOOL_CALL_OPEN}{name}({arguments}){TOOL_CALL_ARROW}"
+
+
+def format_tool_result(result: str) -> str:
+    """' result]': what follows the arrow once the tool has run."""
+    return f" {result}{TOOL_CALL_CLOSE}"
 TRAIN_ON = ("assistant", "last_assistant", "all")
 TrainOn = Literal["assistant", "last_assistant", "all"]
 
@@ -38,7 +52,10 @@ _SENTINEL_RE = re.compile("\U000f0000([0-9]+)\U000f0001")
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render `messages` with the tokenizer's chat template (ChatML if it has none)."""
     # CHATML_TEMPLATE: `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n`.
-    return _Renderer(tokenizer)(normalize_messages(messages), add_generation_prompt)
+    messages = normalize_messages(messages)
+    if add_generation_prompt and messages[-1].get("continues"):   # an open turn after a tool result
+        return _Renderer(tokenizer)(messages[:-1], True) + messages[-1]["content"]
+    return _Renderer(tokenizer)(messages, add_generation_prompt)
 
 
 def render_chat_ids(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False,
@@ -60,6 +77,11 @@ def render_chat_ids(tokenizer: Any, messages: list[dict], *, add_generation_prom
     if train_on not in TRAIN_ON:
         raise UserError(f"train_on={train_on!r} is not one of {', '.join(TRAIN_ON)}; pick one of them")
     messages = normalize_messages(messages)
+    if add_generation_prompt and messages[-1].get("continues"):
+        # The assistant's turn is open after a tool result: the model continues it, not a new turn.
+        ids, mask = render_chat_ids(tokenizer, messages[:-1], add_generation_prompt=True, train_on=train_on)
+        tail = tokenizer.encode(messages[-1]["content"], allow_special=False)
+        return ids + tail, mask + [0] * len(tail)
     render = _Renderer(tokenizer)
     text, turns = _split_turns(render, messages, add_generation_prompt)
     plain = _plain_text_ranges(render, tokenizer, messages, text, add_generation_prompt)
@@ -99,7 +121,10 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
 
     Content may be a string or a list of OpenAI text parts ({"type": "text", "text": ...}); an
     assistant message may have null content (OpenAI clients send that after tool calls). OpenAI's
-    newer "developer" role is the system role under another name.
+    newer "developer" role is the system role under another name. An assistant message's
+    `tool_calls`, the `tool` messages answering them and the assistant's next reply become one
+    assistant message in the inline markup ("[name(args)→ result]"); it has "continues": True when
+    the conversation ends with a tool result (the model goes on with that turn).
     """
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts; add a message")
@@ -121,8 +146,46 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
             raise UserError(f"messages[{index}].content must be a string; fix that message")
-        normalized.append({"role": role, "content": content})
+        previous = normalized[-1] if normalized else {}
+        if previous.get("pending") is not None and role in ("tool", "assistant"):
+            # A tool result (or the reply after it) goes on with the assistant turn that made the calls.
+            pending = previous["pending"]
+            if role == "tool":
+                previous["content"] += (pending.pop(0) if pending else "") + format_tool_result(content)
+                previous["continues"] = True
+                continue
+            previous["content"] += "".join(pending) + content
+            previous.update(pending=None, continues=False)
+            if message.get("tool_calls"):
+                previous["pending"] = _tool_call_texts(index, message["tool_calls"])
+            continue
+        entry = {"role": role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            entry["pending"] = _tool_call_texts(index, message["tool_calls"])
+        normalized.append(entry)
+    for entry in normalized:   # calls left without a result are shown as made
+        entry["content"] += "".join(entry.pop("pending", None) or [])
+        if not entry.pop("continues", False) or entry is not normalized[-1]:
+            continue
+        entry["continues"] = True
     return normalized
+
+
+def _tool_call_texts(index: int, calls: Any) -> list[str]:
+    """The markup of an assistant message's OpenAI tool_calls: '[name({"arg": ...})→' each."""
+    if not isinstance(calls, list):
+        raise UserError(f"messages[{index}].tool_calls must be a list of calls; fix that message")
+    texts = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f"messages[{index}].tool_calls entries must be {{'type': 'function', 'function': "
+                            "{'name': ..., 'arguments': ...}}; fix that message")
+        arguments = function.get("arguments") or "{}"
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        texts.append(format_tool_call(function["name"], arguments))
+    return texts
 
 
 def special_token_strings(tokenizer: Any) -> tuple[str, str]:
