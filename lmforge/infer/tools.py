@@ -432,3 +432,14 @@ def openai_tools_system_prompt(registry: ToolRegistry) -> str:
         lines.append(f"- {tool.name}: {tool.description} Parameters: "
                      f"{json.dumps(tool.parameters, ensure_ascii=False)}")
     return "\n".join(lines)
+
+
+def with_system_text(messages: list[dict], text: str) -> list[dict]:
+    """The messages with `text` added to the system message (a new one first when there is none)."""
+    messages = list(messages)
+    first = messages[0] if messages else {}
+    if isinstance(first, dict) and first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
+        messages[0] = {**first, "content": f"{first['content']}\n\n{text}"}
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+    return messages

@@ -98,15 +98,22 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check_model(body.model, model_name)
         body.check()
+        messages, tools = body.messages, None
+        if body.tools and body.tool_choice != "none":   # tool calls: lmforge.infer.tools' markup
+            from ..infer.tools import ARROW, openai_tools_system_prompt, registry_from_openai, with_system_text
+
+            tools = registry_from_openai(body.tools)
+            messages = with_system_text(messages, openai_tools_system_prompt(tools))
+            body.stop = ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) + [ARROW]
         # Token ids, not text: message text is encoded as plain text, so it cannot fake a turn.
-        prompt_ids, _ = render_chat_ids(engine.tokenizer, body.messages, add_generation_prompt=True)
+        prompt_ids, _ = render_chat_ids(engine.tokenizer, messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
         submitted = submit([prompt_ids], body, None, logprobs, body.top_logprobs or 0)
         reply = Reply("chatcmpl", model_name, engine, body.choices())
         if body.stream:
             return sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
-        return reply.chat(sequences, logprobs)
+        return reply.chat(sequences, logprobs, tools=tools)
 
     return app
 

@@ -105,10 +105,16 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None        # OpenAI function tools; the client runs them
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" ("required" / a named tool: refused)
 
     def check(self) -> None:
         if self.top_logprobs and not self.logprobs:
             raise UserError("top_logprobs needs logprobs=true; send both")
+        if self.tools and self.tool_choice not in (None, "auto", "none"):
+            raise UserError(f"tool_choice={self.tool_choice!r} is not supported; use 'auto' or 'none'")
+        if self.tools and self.tool_choice != "none" and self.stream:
+            raise UserError("stream=true with tools is not supported; send stream=false when you pass tools")
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
 

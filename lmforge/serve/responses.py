@@ -10,7 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
@@ -113,11 +113,20 @@ class Reply:
                    for index, s in enumerate(sequences)]
         return {**self._envelope("text_completion", choices), "usage": self.usage(sequences)}
 
-    def chat(self, sequences: list[Sequence], logprobs: bool) -> dict:
+    def chat(self, sequences: list[Sequence], logprobs: bool, tools: Any = None) -> dict:
         choices = [{"index": index, "message": {"role": "assistant", "content": s.text.text},
                     "finish_reason": s.finish_reason,
                     "logprobs": self.chat_logprobs(s, 0, len(s.token_ids)) if logprobs else None}
                    for index, s in enumerate(sequences)]
+        if tools is not None:   # a reply that stopped at a call's arrow becomes OpenAI tool_calls
+            from ..infer.tools import split_tool_call
+
+            for choice, s in zip(choices, sequences):
+                content, call = split_tool_call(s.text.text, self.engine.tokenizer.decode(s.token_ids), tools)
+                if call is not None:
+                    choice["message"] = {"role": "assistant", "content": content or None, "tool_calls": [
+                        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}]}
+                    choice["finish_reason"] = "tool_calls"
         return {**self._envelope("chat.completion", choices), "usage": self.usage(sequences)}
 
     # ------------------------------------------------------------------ streamed responses
