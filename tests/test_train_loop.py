@@ -61,8 +61,9 @@ def test_batch_8_equals_batch_1_times_accumulation_8_with_padding(tmp_path):
     for name, start in initial.items():
         moved = whole.raw.get_parameter(name).detach() - start
         assert moved.abs().max() > 1e-4
-        # Adam divides by sqrt(v): float rounding in the gradients shows up at ~1e-4 of the step size.
-        torch.testing.assert_close(split.raw.get_parameter(name).detach() - start, moved, rtol=1e-3, atol=1e-5)
+        # Adam divides by sqrt(v): float rounding in the gradients shows up at ~1e-4 of the step size
+        # (the fused output layer scales its gradient after the matmul: one element of 24,576 moved 1.5e-5).
+        torch.testing.assert_close(split.raw.get_parameter(name).detach() - start, moved, rtol=1e-3, atol=2e-5)
     for row_whole, row_split in zip(whole_result.history, split_result.history):
         assert row_whole["loss"] == pytest.approx(row_split["loss"], rel=1e-5)
         assert row_whole["grad_norm"] == pytest.approx(row_split["grad_norm"], rel=1e-4)
@@ -125,8 +126,10 @@ def test_objectives_return_sums_over_predicted_tokens():
 
     labels = torch.tensor([[1, -100, 4], [-100, -100, 2]])
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels}
-    for objective, accuracy in ((CausalLMObjective(), "accuracy"), (MaskedLMObjective(), "mlm_accuracy"),
-                                (SFTObjective(), "accuracy")):
+    # fused_loss=False: this model has logits only (the fused output layer + loss is checked against
+    # this unfused path in test_train_losses_and_forward.py).
+    for objective, accuracy in ((CausalLMObjective(fused_loss=False), "accuracy"), (MaskedLMObjective(), "mlm_accuracy"),
+                                (SFTObjective(fused_loss=False), "accuracy")):
         output = objective(Fixed(), batch)
         kept = labels != -100
         expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum")

@@ -93,3 +93,59 @@ def test_moe_aux_loss_is_returned_by_the_forward_and_flows_through_checkpointing
     torch.testing.assert_close(plain.aux_loss, checkpointed.aux_loss)
     (F.cross_entropy(checkpointed.logits.flatten(0, 1), ids.flatten()) + checkpointed.aux_loss).backward()
     assert model.transformer.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_output_layer_and_loss_equal_logits_then_cross_entropy(dtype):
+    """linear_cross_entropy (model/lm_head_loss.py): the loss, argmax count and both gradients of
+    logits = hidden @ W.T followed by cross-entropy, over several chunks with ignored rows, without
+    the [N, V] logits; under autocast the matmuls run in bf16 as nn.Linear's would."""
+    from lmforge.model.lm_head_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.5).requires_grad_()
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss, correct = linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
+        logits = F.linear(hidden, weight)
+    (loss * 0.5).backward()
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    (reference * 0.5).backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, reference.detach(), rtol=tolerance, atol=tolerance)
+    assert correct == ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+    torch.testing.assert_close(ours[0], hidden.grad, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(ours[1], weight.grad, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():                        # evaluation: the loss alone, no gradient work
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels)[0], loss.detach(),
+                                   rtol=tolerance, atol=tolerance)
+
+
+def test_fused_objectives_equal_the_unfused_path_on_a_gpt():
+    """CausalLMObjective and SFTObjective fuse the model's output layer with the loss by default:
+    same loss, accuracy and parameter gradients as logits-then-loss, tied embeddings included."""
+    from lmforge.train.objectives import CausalLMObjective, SFTObjective
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    labels = shift_labels(ids)
+    labels[0, :5] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels}
+    for kind in (CausalLMObjective, SFTObjective):
+        results = []
+        for fused in (True, False):
+            torch.manual_seed(1)
+            model = tiny_gpt()
+            output = kind(fused_loss=fused)(model, batch)
+            output.loss.backward()
+            results.append((output.loss.detach(), output.metrics["accuracy"],
+                            {name: p.grad.clone() for name, p in model.named_parameters()}))
+        (fused_loss, fused_acc, fused_grads), (loss, acc, grads) = results
+        torch.testing.assert_close(fused_loss, loss)
+        assert fused_acc == acc
+        for name in grads:
+            torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)

@@ -156,6 +156,13 @@ class TokenPrediction(Objective):
 
     accuracy_name = "accuracy"
     select_logits = False
+    # fused_loss (GPT only): the model fuses its output layer with the loss (model(..., labels=...),
+    # see model/lm_head_loss.py), so no [B, T, V] logits are built. False = logits, then the loss.
+    fused_loss = False
+
+    def __init__(self, fused_loss: bool | None = None) -> None:
+        if fused_loss is not None:
+            self.fused_loss = fused_loss
 
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -168,6 +175,11 @@ class TokenPrediction(Objective):
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> ObjectiveOutput:
         labels = batch["labels"]
         predicted = labelled_positions(labels)
+        if self.fused_loss:
+            output = model(batch["input_ids"], **model_inputs(batch), labels=labels,
+                           logits_mask=predicted if self.select_logits else None, return_output=True)
+            loss, correct, aux = output.loss_sum, output.correct, output.aux_loss
+            return self._output(model, loss, correct, aux, predicted)
         if self.select_logits:
             output = model(batch["input_ids"], **model_inputs(batch), logits_mask=predicted, return_output=True)
             targets = labels[predicted]                                     # [N]
@@ -181,6 +193,10 @@ class TokenPrediction(Objective):
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         with torch.no_grad():
             correct = ((logits.argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)).sum().float()
+        return self._output(model, loss, correct, aux, predicted)
+
+    def _output(self, model: nn.Module, loss: torch.Tensor, correct: torch.Tensor, aux: torch.Tensor | None,
+                predicted: torch.Tensor) -> ObjectiveOutput:
         metrics: dict[str, Metric] = {self.accuracy_name: correct}
         if aux is not None:
             # The MoE balancing loss is a per-forward mean; weighting it by this batch's units keeps
@@ -202,6 +218,7 @@ class CausalLMObjective(TokenPrediction):
     """Next-token prediction (GPT). labels[t] = input_ids[t + 1], done by the data loader."""
 
     accuracy_name = "accuracy"
+    fused_loss = True
 
 
 class MaskedLMObjective(TokenPrediction):
@@ -219,6 +236,7 @@ class SFTObjective(TokenPrediction):
 
     accuracy_name = "accuracy"
     select_logits = True
+    fused_loss = True
 
 
 def objective_for(arch: str) -> TokenPrediction:
