@@ -179,3 +179,55 @@ def test_cli_ratings_and_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.fixture(scope="module")
+def saved_poet_and_adapter(tmp_path_factory):
+    """The poet saved as a model directory, and a LoRA adapter for it (random non-zero B)."""
+    import torch
+
+    from arena_support import tiny_model
+    from lmforge.model.loading import load, save_pretrained
+    from lmforge.peft import LoRAConfig, apply_lora, save_adapter
+
+    root = tmp_path_factory.mktemp("arena-adapter")
+    save_pretrained(*tiny_model(REPLIES["tiny-poet"]), root / "poet")
+    adapted, _ = load(root / "poet")
+    apply_lora(adapted, LoRAConfig(r=4, alpha=8, target_modules=["all-linear"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if name.endswith(".B"):
+                param.normal_(0, 0.5)
+    save_adapter(adapted, root / "lora")
+    return root, adapted.eval()
+
+
+def test_a_lora_adapter_is_a_model_of_its_own(saved_poet_and_adapter):
+    from lmforge.infer import Engine
+
+    root, adapted = saved_poet_and_adapter
+    base = load_arena_model(str(root / "poet"), device="cpu")
+    with_lora = load_arena_model(f"{root / 'poet'}+{root / 'lora'}", device="cpu")
+    assert (base.name, with_lora.name) == ("poet", "poet+lora") and with_lora.adapter == str(root / "lora")
+    [base_answer] = answer_all(base.engine, [PROMPT], GREEDY)
+    [lora_answer] = answer_all(with_lora.engine, [PROMPT], GREEDY)
+    assert base_answer == REPLIES["tiny-poet"] and lora_answer != base_answer
+    # The same as the adapted model (LoRA layers unmerged) answers through an engine of its own.
+    assert answer_all(Engine(adapted, with_lora.engine.tokenizer), [PROMPT], GREEDY) == [lora_answer]
+
+
+def test_cli_battle_with_a_judge_model(saved_poet_and_adapter, tmp_path, capsys):
+    root, _ = saved_poet_and_adapter
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "hi there"}\n')
+    log = tmp_path / "battles.sqlite"
+    argv = ["arena", "battle", "--models", f"{root / 'poet'},{root / 'poet'}+{root / 'lora'}",
+            "--judge", str(root / "poet"), "--prompts", str(prompts), "--rounds", "4", "--log", str(log),
+            "--max-new-tokens", "24", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "4 battles appended" in capsys.readouterr().out
+    records = BattleLog(log).records()
+    assert len(records) == 4 and {r.judge for r in records} == {"poet"}
+    assert {r.model_a for r in records} | {r.model_b for r in records} == {"poet", "poet+lora"}
+    assert {r.prompt for r in records} == {"hello", "hi there"}
