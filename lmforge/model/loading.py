@@ -269,11 +269,24 @@ def _load_adapted(source: ModelSource, data: dict[str, Any]) -> nn.Module:
     from .hf import read_safetensors
 
     peft = dict(data.get("peft") or {})
-    if peft.pop("type", None) != "lora":
+    kind = peft.pop("type", None)
+    if kind not in ("lora", "qlora", "prompt", "prefix", "ptuning"):
         raise UserError(f"'{source.path / 'config.json'}' names a base model but no LoRA settings; re-export it")
     base, _ = load(data["base_model"])
+    if kind in ("prompt", "prefix", "ptuning"):     # a prompt adapter: the base wrapped, the prompt loaded
+        from ..peft.prompt import PromptConfig, apply_prompt_tuning
+
+        adapted = apply_prompt_tuning(base, PromptConfig(**{**peft, "init": "random"}))
+        state = read_safetensors(source.weights)
+        adapted.load_state_dict({**adapted.state_dict(), **state})
+        return adapted
+    blocksize = peft.pop("blocksize", 64)
     apply_lora(base, LoRAConfig(**peft).validate())
     load_lora_state_dict(base, read_safetensors(source.weights))
+    if kind == "qlora":                             # the base re-quantized as in training (deterministic)
+        from ..peft.qlora import quantize_base
+
+        quantize_base(base, blocksize)
     return base
 
 

@@ -161,10 +161,18 @@ class LoRALinear(nn.Module):
             if piece.name in self.lora:
                 yield piece, self.lora[piece.name]
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight [out, in] (QLoRA's layer dequantizes its 4-bit copy here)."""
+        return self.weight
+
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without bias (QLoRA's layer dequantizes on the fly, in forward and backward)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        base = F.linear(x, self.weight)
+        base = self.base_linear(x)
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         pieces = []
         for piece in self.slices:
@@ -179,7 +187,7 @@ class LoRALinear(nn.Module):
             if adapter.use_dora:
                 # PEFT's formula: (m/||.|| - 1) W x' + m/||.|| s B A x', where x' is the dropped input
                 # (then W x' is recomputed) or, without active dropout, x itself (W x is reused).
-                weight_rows = self.weight[piece.start:piece.stop]
+                weight_rows = self.base_weight()[piece.start:piece.stop]
                 scale = adapter.dora_scale(weight_rows.to(adapter.A.dtype))
                 base_part = F.linear(inputs, weight_rows.to(inputs.dtype)) if dropout_active else base_piece
                 update = (scale - 1) * base_part.to(scale.dtype) + scale * update * adapter.scaling
@@ -194,7 +202,7 @@ class LoRALinear(nn.Module):
         """The weight with the updates folded in (a new tensor; the layer is unchanged)."""
         if self.merged:
             return self.weight.detach().clone()
-        weight = self.weight.detach().clone()
+        weight = self.base_weight().detach().clone()
         for piece, adapter in self.adapted():
             rows = weight[piece.start:piece.stop]
             updated = rows + adapter.delta_weight().to(rows.dtype)
@@ -354,7 +362,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 @torch.no_grad()
 def _base_weight(layer: LoRALinear) -> torch.Tensor:
     if not layer.merged:
-        return layer.weight.detach().clone()
+        return layer.base_weight().detach().clone()
     layer.unmerge()
     weight = layer.weight.detach().clone()
     layer.merge()
