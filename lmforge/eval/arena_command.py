@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     web.add_argument("--port", type=int, default=7861)
     web.set_defaults(func=run_web)
 
-    ratings = add_subparser(subparsers, "ratings", "Elo and Bradley-Terry ratings (95% bootstrap intervals) from the log",
+    ratings = add_subparser(subparsers, "ratings", "Elo and Bradley-Terry ratings (95%% bootstrap intervals) from the log",
                             "lmforge arena ratings --log artifacts/arena/battles.sqlite --bootstrap 500")
     ratings.add_argument("--log", default=str(DEFAULT_LOG), help="the SQLite battle log")
     ratings.add_argument("--judge", default=None, help="only the battles this judge decided ('human' or a model name)")

@@ -8,7 +8,7 @@ from ..cli import HelpFormatter, check_port, is_loopback
 from ..errors import UserError
 from .battle_log import DEFAULT_LOG
 
-EXAMPLES = """examples:
+EXAMPLES = """example:
   lmforge leaderboard                                   # runs/*/eval/*.json, artifacts/eval/*.json, the arena log
   lmforge leaderboard results/a.json runs/speedrun --html board.html --png board.png
   lmforge leaderboard --serve                           # then open http://127.0.0.1:7862"""
