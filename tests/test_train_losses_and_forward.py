@@ -149,3 +149,30 @@ def test_fused_objectives_equal_the_unfused_path_on_a_gpt():
         assert fused_acc == acc
         for name in grads:
             torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_hand_written_backward_equals_autograd_of_the_formula(dtype):
+    """model/norms.py's RMSNorm Function: gradcheck in fp64, and in fp32/bf16 the output and both
+    gradients equal autograd through the plain formula computed in fp32."""
+    from lmforge.model.norms import rms_norm
+
+    torch.manual_seed(0)
+    x64 = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+    w64 = (torch.randn(16, dtype=torch.float64) + 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x64, w64))
+    x = (torch.randn(6, 32) * 3).to(dtype).requires_grad_()
+    w = (torch.randn(32) * 0.2 + 1).to(dtype).requires_grad_()
+    upstream = torch.randn(6, 32)
+    ours = rms_norm(x, w, 1e-5)
+    (ours.float() * upstream).sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    x32, w32 = x.float(), w.float()
+    reference = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * w32
+    (reference * upstream).sum().backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), reference.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grads[0].float(), x.grad.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grads[1].float(), w.grad.float(), rtol=tolerance, atol=tolerance * 4)
