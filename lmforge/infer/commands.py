@@ -25,6 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster for small models; compiling takes a while)")
+    parser.add_argument("--quantize", choices=["int8", "nf4", "q4_0"], default=None,
+                        help="quantize the weights at load time: int8 (per channel), nf4 (QLoRA's 4-bit) or "
+                             "q4_0 (llama.cpp's 4-bit); int8 and q4_0 decode faster on a CPU (lmforge.quant)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="float precision of the weights and activations (bf16 halves the bytes read per token; "
+                             "on CPUs without AVX512-BF16/AMX it is emulated)")
     parser.add_argument("--context-policy", choices=["truncate_left", "error"], default="truncate_left",
                         help="a prompt too long for the context (with the tokens to generate): drop its oldest tokens, or refuse")
 
@@ -101,6 +107,10 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     model, tokenizer = load(args.model, device=device)
     if getattr(args, "adapter", None):
         model = merge_adapter(model, args.adapter)
+    if getattr(args, "quantize", None) or getattr(args, "dtype", "fp32") != "fp32":
+        from ..quant.quantize import apply_precision
+
+        model = apply_precision(model, getattr(args, "dtype", "fp32"), getattr(args, "quantize", None))
     if tokenizer is None:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
@@ -110,8 +120,14 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
 
 def merge_adapter(model: Any, adapter_dir: str) -> Any:
     """`model` with a PEFT-format LoRA adapter merged in: a plain model again, so decoding costs
-    nothing extra (and the compiled decode step sees ordinary linear layers)."""
+    nothing extra (and the compiled decode step sees ordinary linear layers). A prompt-learning
+    adapter (prompt/prefix/P-tuning) cannot be merged: the model comes back wrapped, its KV cache
+    rows starting with the prompt's keys and values (lmforge/peft/prompt.py)."""
     from ..peft.adapter_format import load_adapter
+    from ..peft.prompt import is_prompt_adapter, load_prompt_adapter
+
+    if is_prompt_adapter(adapter_dir):
+        return load_prompt_adapter(model, adapter_dir).eval()
     from ..peft.lora import unload_lora
 
     return unload_lora(load_adapter(model, adapter_dir), merge=True).eval()

@@ -1,0 +1,109 @@
+"""`quantize_model`: swap every nn.Linear of a model for a quantized one (in place).
+
+    from lmforge.quant import quantize_model
+    model = quantize_model(model, "q4_0")        # int8 | llm-int8 | nf4 | q4_0
+
+Methods:
+- "int8":     weight-only int8, one scale per output channel (weight_only.Int8WeightLinear)
+- "llm-int8": LLM.int8(), int8 weights *and* activations, outlier columns in fp (int8.Int8Linear)
+- "nf4":      QLoRA's NF4, blocks of 64, double-quantized absmax, dequantized per forward (nf4.NF4Linear)
+- "q4_0":     llama.cpp's Q4_0, blocks of 32 (weight_only.Q4Linear)
+
+The output layer is quantized too (with tied embeddings it gets its own quantized copy; the input
+embedding stays in float, since a lookup reads one row per token). Layers whose in_features the
+4-bit block does not divide stay in float and are counted in the summary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+Method = Literal["int8", "llm-int8", "nf4", "q4_0"]
+METHODS: tuple[str, ...] = get_args(Method)
+CLI_METHODS = ("int8", "nf4", "q4_0")           # the --quantize choices (llm-int8 is for the lab)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class QuantSummary:
+    method: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)     # left in float (shape not supported)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype '{name}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def quantize_linear(linear: nn.Linear, method: str, threshold: float = 6.0, fast: bool = True) -> nn.Module:
+    """The quantized replacement of one nn.Linear."""
+    from .int8 import Int8Linear
+    from .nf4 import NF4Linear
+    from .weight_only import Q4_GROUP, Int8WeightLinear, Q4Linear
+
+    if method == "int8":
+        return Int8WeightLinear.from_linear(linear, fast=fast)
+    if method == "llm-int8":
+        return Int8Linear.from_linear(linear, threshold=threshold)
+    if method == "nf4":
+        return NF4Linear.from_linear(linear)
+    if linear.in_features % Q4_GROUP:
+        raise UserError(f"in_features {linear.in_features} is not a multiple of {Q4_GROUP}")
+    return Q4Linear.from_linear(linear, fast=fast)
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    """Bytes of the saved weight and its scales (not the bias, not the kernel's own packed copy)."""
+    return sum(t.numel() * t.element_size() for key, t in module.state_dict().items() if key != "bias")
+
+
+def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fast: bool = True,
+                   return_summary: bool = False):
+    """Replace each nn.Linear of `model` (in place) by its `method` version; returns the model
+    (and a QuantSummary when return_summary). The model should be in float32 or bfloat16."""
+    check_method(method)
+    summary = QuantSummary(method)
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not targets:
+        raise UserError("the model has no nn.Linear layers to quantize; pass an lmforge model")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        before = linear.weight.numel() * linear.weight.element_size()
+        try:
+            replacement = quantize_linear(linear, method, threshold, fast)
+        except UserError:
+            summary.kept.append(name)
+            continue
+        replacement.to(linear.weight.device)
+        setattr(parent, child, replacement)
+        summary.quantized.append(name)
+        summary.weight_bytes_before += before
+        summary.weight_bytes_after += _stored_bytes(replacement)
+    model.quantization = method          # recorded for `lmforge` commands that print what they run
+    return (model, summary) if return_summary else model
+
+
+def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
+    """What `--dtype` and `--quantize` do to a loaded model: cast the float weights to `dtype`
+    (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them)."""
+    if dtype is not None and dtype != "fp32":
+        model = model.to(parse_dtype(dtype))
+    if quantize is not None:
+        model = quantize_model(model, check_method(quantize))
+    return model
