@@ -115,3 +115,160 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """bool [B, T]: where a label is predicted. Pass it as the model's `logits_mask` so the output
     layer runs only there; the labels to score are then `labels[mask]` ([N])."""
     return labels != IGNORE_INDEX
+
+
+# ---------------------------------------------------------------- preference losses (reward models, DPO family)
+# Each returns a per-pair (or per-example) loss [B]; objectives sum it (units = pairs). The formulas
+# follow TRL 1.16 (DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer, RewardTrainer) term for term;
+# tests/test_align_losses.py checks them against TRL's own expressions on fixed log-probs.
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None, center_coefficient: float | None = None) -> torch.Tensor:
+    """Reward-model loss per pair: -log sigmoid(r_c - r_r - margin) + c * (r_c + r_r)^2.
+
+    rewards, margin: [B] -> [B]. The centering term (TRL's `center_rewards_coefficient`) pulls the
+    scores toward mean 0, which keeps them comparable across reward models.
+    """
+    import torch.nn.functional as F
+
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference)
+    if center_coefficient:
+        loss = loss + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    return loss
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, *, loss_type: str = "sigmoid", beta: float = 0.1,
+             label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None, simpo_gamma: float = 0.5) -> torch.Tensor:
+    """The DPO family's per-pair loss from summed response log-probs [B] (policy and reference).
+
+    With h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)):
+      sigmoid       -log sigmoid(beta h)                                     (DPO)
+      hinge         relu(1 - beta h)                                         (SLiC)
+      ipo           (h_avg - 1/(2 beta))^2, log-ratios divided by response length (TRL's IPO)
+      robust        ((1-e) -log sig(beta h) + e log sig(-beta h)) / (1 - 2e), e = label_smoothing
+      sigmoid_norm  -log sigmoid(beta h_avg), length-normalised log-ratios
+      simpo         SimPO/CPO: no reference; u = avg log pi(y_c) - avg log pi(y_r) - gamma/beta,
+                    (1-e) -log sig(beta u) - e log sig(-beta u)  (pass the reference as zeros)
+    lengths: [B] response tokens (needed by ipo, sigmoid_norm, simpo).
+    """
+    import torch.nn.functional as F
+
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; one of {DPO_LOSS_TYPES}")
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    if loss_type in ("ipo", "sigmoid_norm", "simpo"):
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths")
+        chosen_ratio = chosen_ratio / chosen_lengths.clamp(min=1)
+        rejected_ratio = rejected_ratio / rejected_lengths.clamp(min=1)
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid" or loss_type == "sigmoid_norm":
+        return -F.logsigmoid(beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        return (delta - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    logits = delta - simpo_gamma / beta       # simpo
+    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def odds_ratio_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor,
+                    beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term from length-averaged log-probs [B]: (-beta log sigmoid(log_odds), log_odds).
+
+    log_odds = log(p_c / (1 - p_c)) - log(p_r / (1 - p_r)); the full ORPO loss adds the chosen
+    response's NLL. (TRL returns +beta log sigmoid and subtracts it; this is the same loss.)
+    """
+    import torch.nn.functional as F
+
+    chosen, rejected = chosen_avg_logps.float(), rejected_avg_logps.float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -beta * F.logsigmoid(log_odds), log_odds
+
+
+def kto_kl_estimate(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point: the batch mean of log pi(y'|x) - log ref(y'|x) over mismatched
+    (prompt, other example's completion) pairs, clamped at 0 and detached. [B] -> scalar.
+    (Under several processes TRL averages the per-process means; the objective does the same.)"""
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """KTO per example (unpaired): desirable w_d (1 - sigmoid(beta (r - KL))), undesirable
+    w_u (1 - sigmoid(beta (KL - r))), r = log pi(y|x) - log ref(y|x). logps, ref_logps: [B];
+    desirable: bool [B]; kl: scalar (kto_kl_estimate) -> [B]."""
+    ratio = logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio)))
+    return torch.where(desirable, good, bad)
+
+
+# ---------------------------------------------------------------- distillation (token-level KD, GKD)
+# Per-position divergences between a student's and a teacher's next-token distributions, in fp32.
+# logits: [N, V] (the trained positions only) -> [N]; objectives sum them (units = tokens). The JSD
+# follows Agarwal et al. 2024 (GKD) and TRL 1.16's GKDTrainer.generalized_jsd_loss term for term
+# (tests/test_distill_losses.py checks it): no T^2 factor, so temperature changes the targets only.
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, p = softmax(p_logits / T), q likewise.
+
+    p_logits, q_logits: [..., V] -> [...] fp32, >= 0; differentiable with respect to both.
+    """
+    log_p = torch.log_softmax(p_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(q_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per position (classic KD, Hinton et al.): mean-seeking, the student
+    spreads mass over every token the teacher likes. [..., V] -> [...]."""
+    return kl_divergence(teacher_logits, student_logits, temperature)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(student || teacher) per position (MiniLLM): mode-seeking, the student may ignore teacher
+    modes it cannot fit rather than smear probability between them. [..., V] -> [...]."""
+    return kl_divergence(student_logits, teacher_logits, temperature)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """GKD's generalised Jensen-Shannon divergence per position. [..., V] -> [...] fp32.
+
+    With M = beta * teacher + (1 - beta) * student (a mixture of probabilities):
+        JSD_beta = beta * KL(teacher || M) + (1 - beta) * KL(student || M).
+    As in GKD (and TRL), beta = 0 means forward KL(teacher || student) and beta = 1 reverse
+    KL(student || teacher) (the JSD itself tends to 0 at both ends, so the ends are defined apart).
+    """
+    import math
+
+    if beta == 0:
+        return forward_kl(student_logits, teacher_logits, temperature)
+    if beta == 1:
+        return reverse_kl(student_logits, teacher_logits, temperature)
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    # log M computed from log-probabilities: logsumexp(log s + log(1 - beta), log t + log beta).
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    kl_teacher = (log_t.exp() * (log_t - log_m)).sum(-1)
+    kl_student = (log_s.exp() * (log_s - log_m)).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
