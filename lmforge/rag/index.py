@@ -128,6 +128,7 @@ class IVFIndex:
                  nprobe: int = 8) -> None:
         self.centroids, self.vectors, self.ids, self.offsets = centroids, vectors, ids, offsets
         self.nprobe = nprobe
+        self.candidate_budget = 1 << 20   # vectors gathered at once (x d x 4 bytes of memory)
 
     @classmethod
     @torch.no_grad()
@@ -157,17 +158,23 @@ class IVFIndex:
         if nprobe < 1:
             raise UserError(f"nprobe={nprobe} must be 1 or more")
         probes = (queries @ self.centroids.T).topk(nprobe, dim=1).indices          # [Q, nprobe]
-        scores_out = torch.full((len(queries), k), float("-inf"))
-        ids_out = torch.full((len(queries), k), -1, dtype=torch.long)
-        starts, ends = self.offsets[:-1], self.offsets[1:]
-        for q in range(len(queries)):   # per query: its cells' slices, one matmul over all of them
-            rows = torch.cat([torch.arange(int(starts[c]), int(ends[c])) for c in probes[q].tolist()])
-            if rows.numel() == 0:
-                continue
-            scores = self.vectors[rows] @ queries[q]
-            top, where = scores.topk(min(k, rows.numel()))
-            scores_out[q, : top.numel()], ids_out[q, : top.numel()] = top, self.ids[rows[where]]
-        return scores_out, ids_out
+        sizes = self.offsets[1:] - self.offsets[:-1]
+        width = max(1, int(sizes.max()))          # the largest cell: every probed cell is padded to it
+        # Queries go in groups so the gathered candidates stay near `candidate_budget` vectors.
+        group = max(1, self.candidate_budget // (nprobe * width))
+        out_scores, out_ids = [], []
+        for start in range(0, len(queries), group):
+            q, cells = queries[start:start + group], probes[start:start + group]
+            rows = self.offsets[cells][..., None] + torch.arange(width)                # [g, nprobe, width]
+            valid = torch.arange(width) < sizes[cells][..., None]
+            rows = torch.where(valid, rows, 0).flatten(1)                               # [g, nprobe * width]
+            scores = torch.einsum("gcd,gd->gc", self.vectors[rows], q)
+            scores = scores.masked_fill(~valid.flatten(1), float("-inf"))
+            top, where = scores.topk(min(k, scores.shape[1]), dim=1)
+            ids = self.ids[rows.gather(1, where)]
+            out_scores.append(top)
+            out_ids.append(torch.where(torch.isfinite(top), ids, -1))   # fewer than k candidates: -1
+        return torch.cat(out_scores), torch.cat(out_ids)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"centroids": self.centroids, "vectors": self.vectors, "ids": self.ids, "offsets": self.offsets}

@@ -23,7 +23,7 @@ from ..io import atomic_path, ensure_writable_dir, write_json_atomic, write_text
 @dataclass
 class RagReportConfig:
     corpus: str = "wiki"
-    n_docs: int = 1500                      # documents indexed (the first n of a seeded shuffle); 0 = all
+    n_docs: int = 1000                      # documents indexed (the first n of a seeded shuffle); 0 = all
     chunk_tokens: int = 128
     overlap: int = 32
     embedder: str = "minilm-l6"
