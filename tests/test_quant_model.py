@@ -16,10 +16,10 @@ from lmforge.quant.quantize import apply_precision
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # relative logit error allowed per method: 8-bit is tight, 4-bit looser (measured ~0.5% / ~6%)
-TOLERANCE = {"int8": 0.02, "llm-int8": 0.02, "nf4": 0.15, "q4_0": 0.15}
+TOLERANCE = {"int8": 0.02, "llm-int8": 0.02, "nf4": 0.15, "q4_0": 0.15, "q4_1": 0.15}
 
 
-@pytest.mark.parametrize("method", ["int8", "llm-int8", "nf4", "q4_0"])
+@pytest.mark.parametrize("method", ["int8", "llm-int8", "nf4", "q4_0", "q4_1"])
 def test_quantized_logits_close_to_fp32(method):
     model, tokenizer = load_tiny()
     ids = torch.tensor([tokenizer.encode("ROMEO: But soft, what light through yonder window")])
@@ -28,7 +28,9 @@ def test_quantized_logits_close_to_fp32(method):
     model, summary = quantize_model(model, method, return_summary=True)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert summary.kept == [] and "lm_head" in summary.quantized
-    assert summary.weight_bytes_after < summary.weight_bytes_before / (3 if "int8" in method else 5)
+    assert summary.weight_bytes_after < summary.weight_bytes_before / (3 if "int8" in method else 4)
+    head = type(model.lm_head).__name__
+    assert head == ("Int8Linear" if method == "llm-int8" else "Int8WeightLinear")   # 4-bit methods: int8 head
     with torch.no_grad():
         logits = model(ids)
     error = ((logits - reference).norm() / reference.norm()).item()
@@ -48,6 +50,12 @@ def test_compiled_decode_step_runs_the_quantized_kernels(method):
     assert compiled.generate([prompt], params)[0].token_ids == eager
 
 
+def test_head_bits_4_quantizes_the_output_layer_to_4_bits_too():
+    model, _ = load_tiny()
+    quantize_model(model, "q4_0", head_bits=4)
+    assert type(model.lm_head).__name__ == "Q4Linear"
+
+
 def test_bf16_model_generates():
     model, tokenizer = load_tiny()
     model = apply_precision(model, "bf16", "int8")
@@ -56,7 +64,7 @@ def test_bf16_model_generates():
     assert result.completion_tokens == 5
 
 
-@pytest.mark.parametrize("method", ["int8", "q4_0", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "q4_0", "q4_1", "nf4"])
 def test_generate_with_quantize_end_to_end(capsys, method):
     model, tokenizer = load_tiny()
     quantize_model(model, method)

@@ -8,7 +8,7 @@ from torch import nn
 
 from lmforge.errors import UserError
 from lmforge.quant.weight_only import (Int8WeightLinear, Q4Linear, dequantize_int8, dequantize_q4, has_int4_kernel,
-                                       has_int8_kernel, pack_nibbles, quantize_int8, quantize_q4_0, unpack_nibbles)
+                                       has_int8_kernel, pack_nibbles, quantize_int8, quantize_q4_0, quantize_q4_1, unpack_nibbles)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,6 +32,16 @@ def test_q4_0_by_hand_matches_llama_cpp_rounding():
     w = dequantize_q4(codes, d)
     assert w[0, -1] == 1.0 and (w - block).abs().max() <= 1 / 16 + 1e-6
     assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+
+
+def test_q4_1_gives_back_weights_that_were_q4_1_already():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    codes[:, 0::32], codes[:, 1::32] = 0, 15                     # each block spans the full range
+    d, m = torch.rand(8, 2) * 0.01 + 1e-3, torch.randn(8, 2) * 0.05
+    w = codes.view(8, 2, 32).float() * d[..., None] + m[..., None]
+    codes2, d2, m2 = quantize_q4_1(w.view(8, 64))
+    assert torch.equal(codes2, codes)
+    torch.testing.assert_close(dequantize_q4(codes2, d2, m2 + 8 * d2), w.view(8, 64), atol=1e-6, rtol=0)
 
 
 def test_q4_0_zero_block_and_shape_errors():

@@ -25,9 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster for small models; compiling takes a while)")
-    parser.add_argument("--quantize", choices=["int8", "nf4", "q4_0"], default=None,
-                        help="quantize the weights at load time: int8 (per channel), nf4 (QLoRA's 4-bit) or "
-                             "q4_0 (llama.cpp's 4-bit); int8 and q4_0 decode faster on a CPU (lmforge.quant)")
+    parser.add_argument("--quantize", choices=["int8", "nf4", "q4_0", "q4_1"], default=None,
+                        help="quantize the weights at load time: int8 (per channel), nf4 (QLoRA's 4-bit), q4_0 or "
+                             "q4_1 (llama.cpp's 4-bit); int8, q4_0 and q4_1 decode faster on a CPU (lmforge.quant)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="float precision of the weights and activations (bf16 halves the bytes read per token; "
                              "on CPUs without AVX512-BF16/AMX it is emulated)")

@@ -7,10 +7,14 @@ Methods:
 - "int8":     weight-only int8, one scale per output channel (weight_only.Int8WeightLinear)
 - "llm-int8": LLM.int8(), int8 weights *and* activations, outlier columns in fp (int8.Int8Linear)
 - "nf4":      QLoRA's NF4, blocks of 64, double-quantized absmax, dequantized per forward (nf4.NF4Linear)
-- "q4_0":     llama.cpp's Q4_0, blocks of 32 (weight_only.Q4Linear)
+- "q4_0":     llama.cpp's Q4_0, blocks of 32, one scale (weight_only.Q4Linear)
+- "q4_1":     llama.cpp's Q4_1, blocks of 32, scale and min: the bundled SmolLM2 GGUF is Q4_1, so
+              this gives back its exact 4-bit weights (its "packed GGUF" path, with no GGUF plumbing)
 
 The output layer is quantized too (with tied embeddings it gets its own quantized copy; the input
-embedding stays in float, since a lookup reads one row per token). Layers whose in_features the
+embedding stays in float, since a lookup reads one row per token). With a 4-bit method it gets
+int8 unless head_bits=4: the logits are the most sensitive matmul, as in llama.cpp, which keeps
+`output.weight` at 6-8 bits in its 4-bit files. Layers whose in_features the
 4-bit block does not divide stay in float and are counted in the summary.
 """
 from __future__ import annotations
@@ -23,9 +27,9 @@ from torch import nn
 
 from ..errors import UserError
 
-Method = Literal["int8", "llm-int8", "nf4", "q4_0"]
+Method = Literal["int8", "llm-int8", "nf4", "q4_0", "q4_1"]
 METHODS: tuple[str, ...] = get_args(Method)
-CLI_METHODS = ("int8", "nf4", "q4_0")           # the --quantize choices (llm-int8 is for the lab)
+CLI_METHODS = ("int8", "nf4", "q4_0", "q4_1")         # the --quantize choices (llm-int8 is for the lab)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,6 +68,8 @@ def quantize_linear(linear: nn.Linear, method: str, threshold: float = 6.0, fast
         return NF4Linear.from_linear(linear)
     if linear.in_features % Q4_GROUP:
         raise UserError(f"in_features {linear.in_features} is not a multiple of {Q4_GROUP}")
+    if method == "q4_1":
+        return Q4Linear.from_linear_q4_1(linear, fast=fast)
     return Q4Linear.from_linear(linear, fast=fast)
 
 
@@ -72,8 +78,11 @@ def _stored_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for key, t in module.state_dict().items() if key != "bias")
 
 
+FOUR_BIT = ("nf4", "q4_0", "q4_1")
+
+
 def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fast: bool = True,
-                   return_summary: bool = False):
+                   return_summary: bool = False, head_bits: Literal[4, 8] = 8):
     """Replace each nn.Linear of `model` (in place) by its `method` version; returns the model
     (and a QuantSummary when return_summary). The model should be in float32 or bfloat16."""
     check_method(method)
@@ -86,7 +95,8 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
         parent = model.get_submodule(parent_name) if parent_name else model
         before = linear.weight.numel() * linear.weight.element_size()
         try:
-            replacement = quantize_linear(linear, method, threshold, fast)
+            head_int8 = name == "lm_head" and method in FOUR_BIT and head_bits == 8
+            replacement = quantize_linear(linear, "int8" if head_int8 else method, threshold, fast)
         except UserError:
             summary.kept.append(name)
             continue

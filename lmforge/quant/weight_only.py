@@ -3,6 +3,7 @@
     from lmforge.quant.weight_only import Int8WeightLinear, Q4Linear
     layer = Int8WeightLinear.from_linear(linear)        # int8 per output channel (1 byte/weight)
     layer = Q4Linear.from_linear(linear)                # llama.cpp Q4_0: 4 bits + a scale per 32
+    layer = Q4Linear.from_linear_q4_1(linear)           # llama.cpp Q4_1: 4 bits + scale and min per 32
 
 Why weight-only. Decoding one token at batch 1 multiplies a vector by every weight matrix once:
 each weight is read from memory for one multiply-add, so the speed is set by how many bytes of
@@ -15,6 +16,7 @@ Formats (W [out, in], one scale per output row for int8, per block of 32 inputs 
 - Q4_0 (llama.cpp):  d = m / -8, m = the block value of largest |.| (with its sign),
                      q = clamp(trunc(W / d + 8.5), 0, 15),      W ~ (q - 8) * d
   using the signed extreme makes it exact (q = 0 -> -8 d = m), so the 16th level is not wasted.
+- Q4_1 (llama.cpp):  d = (max - min) / 15, q = clamp(trunc((W - min) / d + 0.5), 0, 15), W ~ q d + min
 
 Two paths compute the same thing. The readable one (`fast=False`, and any non-CPU device)
 dequantizes the weight and calls F.linear. The fast one calls torch's CPU kernels for
@@ -86,6 +88,21 @@ def quantize_q4_0(weight: torch.Tensor, group: int = Q4_GROUP) -> tuple[torch.Te
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     codes = torch.trunc(blocks * inv.unsqueeze(2) + 8.5).clamp(0, 15).to(torch.uint8)
     return codes.view(out_features, in_features), d
+
+
+def quantize_q4_1(weight: torch.Tensor, group: int = Q4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15 uint8 [out, in], scale d, min m [out, in/group]), llama.cpp's Q4_1: W ~ q * d + m.
+
+    Asymmetric, so a block's min and max are both exact. Weights that were Q4_1 already (the
+    bundled SmolLM2 GGUF) come back with the same codes: re-quantizing them loses nothing."""
+    _check_weight(weight, group)
+    out_features, in_features = weight.shape
+    blocks = weight.detach().float().view(out_features, in_features // group, group)
+    low, high = blocks.amin(dim=2), blocks.amax(dim=2)
+    d = (high - low) / 15
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.trunc((blocks - low.unsqueeze(2)) * inv.unsqueeze(2) + 0.5).clamp(0, 15).to(torch.uint8)
+    return codes.view(out_features, in_features), d, low
 
 
 def dequantize_q4(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -175,6 +192,11 @@ class Q4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group: int = Q4_GROUP, fast: bool = True) -> "Q4Linear":
         codes, d = quantize_q4_0(linear.weight, group)
         return cls(codes, d, None, linear.bias, fast)
+
+    @classmethod
+    def from_linear_q4_1(cls, linear: nn.Linear, group: int = Q4_GROUP, fast: bool = True) -> "Q4Linear":
+        codes, d, low = quantize_q4_1(linear.weight, group)
+        return cls(codes, d, low + 8 * d, linear.bias, fast)     # q * d + m = (q - 8) * d + (m + 8 d)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_q4(unpack_nibbles(self.weight_q4), self.scales, self.zeros)
