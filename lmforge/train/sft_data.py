@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..data.chat_batches import ChatExample, FitReport, SFTBatches, fit_examples
 from ..errors import UserError
@@ -51,8 +51,12 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], train_
     return ChatExample(ids, mask)
 
 
-def prepare_sft_data(config: Any, tokenizer: Any, rank: int = 0, world_size: int = 1) -> SFTData:
-    """Read, split, tokenize and batch the config's data (an SFTConfig: data, format, seq_len, ...)."""
+def prepare_sft_data(config: Any, tokenizer: Any, rank: int = 0, world_size: int = 1,
+                     rewrite: Callable[[list[Any]], list[Any]] | None = None) -> SFTData:
+    """Read, split, tokenize and batch the config's data (an SFTConfig: data, format, seq_len, ...).
+
+    rewrite: applied to the training conversations only, after the split (sequence-level
+    distillation puts the teacher's answers there; the held-out ones keep the data's)."""
     from ..data.conversations import read_conversations
     from ..tokenizer.chat_template import render_chat_ids
 
@@ -68,6 +72,8 @@ def prepare_sft_data(config: Any, tokenizer: Any, rank: int = 0, world_size: int
     random.Random(config.seed).shuffle(order)
     held_out = [conversations[i] for i in order[:config.val_examples]]
     training = [conversations[i] for i in order[config.val_examples:]]
+    if rewrite is not None:
+        training = rewrite(training)
 
     def tokenized(items: list[Any]) -> list[ChatExample]:
         examples = []
