@@ -30,6 +30,7 @@ from ..config import build_config, to_dict
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
 from .config import TrainConfig
+from .distill import DistillConfig
 from .loop import RunResult, Trainer, check_precision
 from .session import RunSession
 from .throughput import resolve_precision
@@ -53,6 +54,9 @@ class SFTConfig(TrainConfig):
     eval_prompts: int = 32                # held-out prompts answered (greedy) at each evaluation
     answer_tokens: int = 64               # new tokens per answer
     sample_count: int = 2                 # answers shown and logged as samples at each evaluation
+    # Knowledge distillation from a frozen teacher (train/distill.py), on when distill.teacher is set:
+    # e.g. distill.teacher=smollm2-135m-instruct distill.loss=jsd distill.beta=0.5 distill.kd_ratio=0.5
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # Fine-tuning defaults: a small learning rate, no weight decay, evaluation at the start and end.
     lr: float = 5e-5
     min_lr: float = 5e-6
@@ -73,6 +77,7 @@ class SFTConfig(TrainConfig):
 
     def validate(self) -> "SFTConfig":
         super().validate()
+        self.distill.validate()
         checks = [
             (self.seq_len >= 8, f"seq_len must be at least 8, not {self.seq_len}"),
             (self.val_examples >= 1, "val_examples must be at least 1"),
@@ -97,6 +102,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
     """Fine-tune config.model on config.data; `resume` continues from the latest checkpoint."""
     from ..model.loading import load
     from ..model.info import count_parameters, flops_per_token
+    from .distill import DistillObjective, plan_distillation
     from .objectives import SFTObjective
     from .sft_data import prepare_sft_data
     from .sft_eval import SFTEvaluation, write_report
@@ -118,7 +124,11 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
             raise UserError(f"seq_len={config.seq_len} is longer than the model's context "
                             f"({model.config.max_seq_len}); lower seq_len")
         started = time.perf_counter()
-        data = prepare_sft_data(config, tokenizer, context.rank, context.world_size)
+        # Distillation: the teacher is loaded (and the student shrunk) before the data, since
+        # sequence-level KD rewrites the training replies with the teacher's answers.
+        plan = plan_distillation(config, model, tokenizer, context)   # None: no teacher
+        data = prepare_sft_data(config, tokenizer, context.rank, context.world_size,
+                                rewrite=plan.rewrite if plan is not None else None)
         session.claim_run_dir()
         resume_from = session.checkpoint_to_resume(config)
 
@@ -129,7 +139,10 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         tracker, progress = session.start_tracking(config_dict, resume_from)
         evaluation = SFTEvaluation(config, tokenizer, data, context)
         model, adapters = _with_adapters(model.float(), config)
-        trainer = Trainer(model, SFTObjective(), data.train, config, run_dir=session.run_dir,
+        objective = (DistillObjective(config.distill, tokenizer, config.seq_len, config.seed)
+                     if plan is not None and plan.level == "token" else SFTObjective())
+        trainer = Trainer(model, objective, data.train, config, run_dir=session.run_dir,
+                          frozen_models=plan.frozen_models if plan is not None else None,
                           context=context, evaluate=evaluation, tracker=tracker, progress=progress, **adapters,
                           flops_per_token=flops_per_token(model.config, config.seq_len,
                                                           head_fraction=data.trained_tokens / data.train_tokens),
@@ -137,6 +150,8 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         evaluation.trainer = trainer
         if context.is_main:
             _print_plan(config, data, count_parameters(model.config).total, context.world_size, resume_from, model)
+            if plan is not None:
+                print(plan.describe(config), file=sys.stderr)
         result = session.fit(trainer, resume_from)
         if context.is_main:
             report = write_report(config, data, evaluation, result, time.perf_counter() - started)
