@@ -45,6 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pairs.add_argument("--judge", help="the judge model for --prompts (default: --model itself)")
     pairs.add_argument("--k", type=int, default=4, help="samples per prompt (verifiable pairs)")
     pairs.add_argument("--pairs-per-prompt", type=int, default=1)
+    pairs.add_argument("--reference-chosen", action="store_true",
+                       help="verifiable pairs: when no sample is correct, the task's reference answer is chosen")
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--max-new-tokens", type=int, default=64)
     pairs.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,8 @@ def run_pairs(args: argparse.Namespace) -> int:
             raise UserError(f"--task {args.task!r} is not a reasoning-gym task; use reasoning-gym:TASK?size=N")
         pairs, stats = verifiable_pairs(model, tokenizer, builtin_conversations(args.task), k=args.k,
                                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                        seed=args.seed, pairs_per_prompt=args.pairs_per_prompt)
+                                        seed=args.seed, pairs_per_prompt=args.pairs_per_prompt,
+                                        reference_chosen=args.reference_chosen)
     else:
         judge, judge_tokenizer = (model, tokenizer) if not args.judge else load(args.judge)
         pairs, stats = ai_feedback_pairs(model, judge, judge_tokenizer or tokenizer, tokenizer,

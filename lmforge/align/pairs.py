@@ -36,6 +36,7 @@ class PairStats:
     all_best: int = 0                  # verifiable: every sample scored best (no preference)
     all_worse: int = 0                 # verifiable: every sample scored 0 (no preference)
     mean_score: float = 0.0            # of all samples
+    from_reference: int = 0            # verifiable, reference_chosen: prompts whose chosen is the task's answer
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -44,6 +45,8 @@ class PairStats:
             parts.append(f"{self.all_best} prompts all correct and {self.all_worse} all wrong (no preference)")
         if self.ties:
             parts.append(f"{self.ties} ties dropped (the judge's verdict flipped with the order)")
+        if self.from_reference:
+            parts.append(f"{self.from_reference} with the task's reference answer as chosen (no sample was correct)")
         if self.mean_score:
             parts.append(f"mean sample score {self.mean_score:.3f}")
         return "; ".join(parts)
@@ -76,8 +79,12 @@ def sample_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[list[di
 
 def verifiable_pairs(model: torch.nn.Module, tokenizer: Any, conversations: list[Any], k: int = 4,
                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                     pairs_per_prompt: int = 1) -> tuple[list[Pair], PairStats]:
-    """Pairs from reasoning-gym conversations (their meta scores answers): see the module doc."""
+                     pairs_per_prompt: int = 1, reference_chosen: bool = False) -> tuple[list[Pair], PairStats]:
+    """Pairs from reasoning-gym conversations (their meta scores answers): see the module doc.
+
+    reference_chosen: when no sample is correct, the task's reference answer (which its scorer
+    gives 1.0) is the chosen reply, so a prompt the policy always fails still teaches something.
+    """
     from ..data.chat_corpora import score_answer
 
     if k < 2:
@@ -90,6 +97,10 @@ def verifiable_pairs(model: torch.nn.Module, tokenizer: Any, conversations: list
         scores = [score_answer(conversation.meta, reply) for reply in replies]
         total += sum(scores)
         best = max(scores)
+        if reference_chosen and best < 1.0:
+            reference = conversation.messages[-1]["content"]
+            replies, scores, best = [reference, *replies], [1.0, *scores], 1.0
+            stats.from_reference += 1
         winners = [r for r, s in zip(replies, scores) if s == best]
         losers = [r for r, s in sorted(zip(replies, scores), key=lambda x: x[1]) if s < best]
         if not losers:
