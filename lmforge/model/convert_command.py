@@ -5,6 +5,8 @@ import argparse
 import warnings
 from pathlib import Path
 
+from ..errors import UserError
+
 EXAMPLE = "lmforge convert smollm2-135m-instruct --to artifacts/smollm2-hf --format hf"
 
 
@@ -39,6 +41,9 @@ def run_convert(args: argparse.Namespace) -> int:
         from ..infer.commands import merge_adapter
 
         model = merge_adapter(model, args.merge_adapter)
+        if hasattr(model, "prompt_encoder"):
+            raise UserError(f"'{args.merge_adapter}' is a prompt-learning adapter, which has no weights to merge "
+                            "into; use it with generate/chat/serve --adapter instead")
     if args.format == "hf":
         from .hf import hf_family_for
 

@@ -29,6 +29,7 @@ import torch
 from ..config import build_config, to_dict
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
+from ..peft.prompt import PromptConfig
 from .config import TrainConfig
 from .distill import DistillConfig
 from .loop import RunResult, Trainer, check_precision
@@ -71,9 +72,13 @@ class SFTConfig(TrainConfig):
     precision: str = "auto"
     eval_at_start: bool = True            # evaluate the base model first: the report's "before"
     # Parameter-efficient fine-tuning: none (every weight) | lora (adapters only; lora.* sets them,
-    # e.g. lora.r=16 lora.alpha=32 lora.target_modules=all-linear lora.use_dora=true)
-    peft: Literal["none", "lora"] = "none"
+    # e.g. lora.r=16 lora.alpha=32 lora.target_modules=all-linear lora.use_dora=true) | qlora (the
+    # same adapters on a base quantized to NF4; qlora_blocksize) | prompt | prefix | ptuning
+    # (virtual tokens or per-layer key/value prefixes; prompt.* sets them, needs packing=false)
+    peft: Literal["none", "lora", "qlora", "prompt", "prefix", "ptuning"] = "none"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    qlora_blocksize: int = 64             # NF4 weights per absmax (double-quantized in blocks of 256)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def validate(self) -> "SFTConfig":
         super().validate()
@@ -88,8 +93,13 @@ class SFTConfig(TrainConfig):
         for ok, message in checks:
             if not ok:
                 raise UserError(f"{message}; fix the config")
-        if self.peft == "lora":
+        if self.peft in ("lora", "qlora"):
             self.lora.validate()
+        if self.peft in ("prompt", "prefix", "ptuning"):
+            self.prompt.validate()
+            if self.packing:
+                raise UserError(f"peft={self.peft} prepends virtual tokens to each row, which packed rows "
+                                "(several examples per row) cannot share; add packing=false")
         return self
 
 
@@ -138,7 +148,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
             tokenizer.save(session.run_dir / "tokenizer")
         tracker, progress = session.start_tracking(config_dict, resume_from)
         evaluation = SFTEvaluation(config, tokenizer, data, context)
-        model, adapters = _with_adapters(model.float(), config)
+        model, adapters = _with_adapters(model.float(), config, tokenizer)
         objective = (DistillObjective(config.distill, tokenizer, config.seq_len, config.seed)
                      if plan is not None and plan.level == "token" else SFTObjective())
         trainer = Trainer(model, objective, data.train, config, run_dir=session.run_dir,
@@ -153,23 +163,62 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
             if plan is not None:
                 print(plan.describe(config), file=sys.stderr)
         result = session.fit(trainer, resume_from)
+        if context.is_main and config.peft != "none":
+            save_run_adapter(trainer.raw, config, session.run_dir)
         if context.is_main:
             report = write_report(config, data, evaluation, result, time.perf_counter() - started)
             _print_result(result, report)
         return result
 
 
-def _with_adapters(model: torch.nn.Module, config: SFTConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _with_adapters(model: torch.nn.Module, config: SFTConfig, tokenizer: Any = None
+                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model to train (LoRA adapters on a frozen base when peft=lora) and the Trainer options
     that go with it: checkpoints keep the adapters and name the base, the export is merged."""
     if config.peft == "none":
         return model, {}
+    model_config = {"format": "lmforge", **model.config.to_dict()}
+    if config.peft in ("prompt", "prefix", "ptuning"):
+        from ..peft.prompt import apply_prompt_tuning, base_state_dict
+
+        settings = dataclasses.replace(config.prompt, method=config.peft)
+        model = apply_prompt_tuning(model, settings, tokenizer=tokenizer)
+        rebuild = {"base_model": config.model, "peft": {"type": config.peft, **dataclasses.asdict(settings)}}
+        # The exported run is the base itself (a prompt cannot be folded into weights); the adapter
+        # directory beside it (adapter/) holds the prompt, in PEFT's format.
+        return model, {"export_state": base_state_dict,
+                       "model_config": model_config, "checkpoint_config": {**model_config, **rebuild}}
     from ..peft.lora import apply_lora, merged_state_dict
 
-    apply_lora(model, config.lora)
-    model_config = {"format": "lmforge", **model.config.to_dict()}
-    rebuild = {"base_model": config.model, "peft": {"type": "lora", **dataclasses.asdict(config.lora)}}
-    return model, {"export_state": merged_state_dict, "checkpoint_config": {**model_config, **rebuild}}
+    settings = dataclasses.asdict(config.lora)
+    if config.peft == "qlora":
+        from ..peft.qlora import apply_qlora, qlora_merged_state_dict
+
+        apply_qlora(model, config.lora, blocksize=config.qlora_blocksize)
+        settings["blocksize"] = config.qlora_blocksize
+        export_state = qlora_merged_state_dict
+    else:
+        apply_lora(model, config.lora)
+        export_state = merged_state_dict
+    rebuild = {"base_model": config.model, "peft": {"type": config.peft, **settings}}
+    return model, {"export_state": export_state, "checkpoint_config": {**model_config, **rebuild}}
+
+
+def save_run_adapter(model: torch.nn.Module, config: SFTConfig, run_dir: Path) -> Path | None:
+    """Write the trained adapter in PEFT's format to run_dir/adapter (None when PEFT has no format
+    for this model: then the checkpoints and the merged export are the way to use it)."""
+    directory = run_dir / "adapter"
+    try:
+        if config.peft in ("prompt", "prefix", "ptuning"):
+            from ..peft.prompt import save_prompt_adapter
+
+            return save_prompt_adapter(model, directory, base_model_name_or_path=config.model)
+        from ..peft.adapter_format import save_adapter
+
+        return save_adapter(model, directory, base_model_name_or_path=config.model)
+    except UserError as error:
+        print(f"note: no PEFT adapter written ({error})", file=sys.stderr)
+        return None
 
 
 def _tokenizer_reference(reference: str | None) -> Any:
@@ -195,10 +244,18 @@ def _print_plan(config: SFTConfig, data: Any, n_params: int, world_size: int, re
                 model: torch.nn.Module) -> None:
     rows = len(data.train.rows)
     trained = data.trained_tokens / max(1, data.train_tokens)
-    if config.peft == "lora":
+    if config.peft in ("lora", "qlora"):
         from ..peft.lora import describe_lora
 
-        print(f"lora: {describe_lora(model)}", file=sys.stderr)
+        print(f"{config.peft}: {describe_lora(model)}", file=sys.stderr)
+    if config.peft == "qlora":
+        from ..peft.qlora import describe_qlora
+
+        print(f"  {describe_qlora(model)}", file=sys.stderr)
+    if config.peft in ("prompt", "prefix", "ptuning"):
+        from ..peft.prompt import describe_prompt
+
+        print(f"{config.peft}: {describe_prompt(model)}", file=sys.stderr)
     print(f"sft {config.model} ({n_params / 1e6:.1f}M parameters) on {config.data}: {data.conversations} "
           f"conversations, {len(data.prompts)} held-out prompts{' (scored)' if data.scored else ''}",
           file=sys.stderr)
