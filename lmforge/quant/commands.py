@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args.methods)
     if args.threshold <= 0:
         raise UserError(f"--threshold {args.threshold} must be above 0; use 6.0 (LLM.int8()'s default)")
-    if args.census_tokens < 1 or args.ppl_tokens < 257:
+    if args.census_tokens < 1 or args.ppl_tokens < 2:
         raise UserError("--census-tokens must be >= 1 and --ppl-tokens >= 257 (one window of 256 + 1)")
     if args.threads is not None:
         torch.set_num_threads(max(args.threads, 1))
@@ -107,8 +107,12 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
         dims = ", ".join(f"{d} ({share:.0%} of layers, up to {tok:.0%} of tokens)" for d, share, tok in census.systematic)
         lines.append(f"Systematic outlier features (>= 25% of layers and >= 6% of tokens, as in LLM.int8()): {dims}.")
     else:
-        lines.append("No hidden dimension is an outlier in >= 25% of the d_model-wide inputs and >= 6% of tokens "
+        lines.append("No hidden dimension is an outlier in >= 25% of the qkv/gate_up inputs and >= 6% of tokens "
                      "(LLM.int8()'s criterion for systematic outliers, which emerge at ~6.7B parameters).")
+    if census.top_dims:
+        dims = ", ".join(f"{d} ({n}/{census.reader_layers} inputs, up to {tok:.0%} of tokens)"
+                         for d, n, tok in census.top_dims)
+        lines.append(f"Hidden dims most often over the threshold at the qkv/gate_up inputs: {dims}.")
     base = dict(results).get("fp32")
     lines += ["", f"Held-out perplexity ({args.ppl_tokens} tokens, windows of 256):", "",
               "| method | perplexity | vs fp32 |", "|---|---:|---:|"]
@@ -130,7 +134,7 @@ def draw_outliers(census, path: Path) -> None:
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest")
     axes.set_xlabel("hidden dimension")
-    axes.set_ylabel("Linear input (d_model wide), in order")
+    axes.set_ylabel("qkv / gate_up input, by layer")
     axes.set_title(f"log10 max |x| per hidden dim; outliers: |x| >= {census.threshold:g}")
     figure.colorbar(image, ax=axes)
     with atomic_path(path) as tmp:

@@ -8,7 +8,7 @@ The outlier census hooks the input of every nn.Linear (what LLM.int8() quantizes
 records, per layer, which input columns (hidden dimensions) hold a value with |x| >= threshold in
 some token, and in how many tokens. LLM.int8()'s paper calls a dimension a systematic outlier
 feature when it has such values in at least 25% of the layers and 6% of the tokens; the census
-reports those for the inputs of width d_model (attention and MLP inputs after the norms).
+reports those for the hidden states (the inputs of the attention and MLP projections, after the norms).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def heldout_shakespeare_ids(tokenizer, tokens: int = 4096) -> list[int]:
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, ids: list[int], window: int = 256, batch_size: int = 4) -> float:
-    """exp(mean cross-entropy) over non-overlapping windows of `window` tokens."""
+    """exp(mean cross-entropy) over non-overlapping windows of `window` tokens (at most the context)."""
+    window = min(window, model.config.max_seq_len)
     n = (len(ids) - 1) // window
     if n < 1:
         raise UserError(f"{len(ids)} tokens are fewer than one window of {window} + 1; give more tokens")
@@ -52,6 +53,11 @@ def perplexity(model: nn.Module, ids: list[int], window: int = 256, batch_size: 
         total += F.cross_entropy(logits.flatten(0, 1), targets[start:start + batch_size].flatten().to(device),
                                  reduction="sum").item()
     return math.exp(total / (n * window))
+
+
+# Layers that read the residual stream (through a norm): their inputs are the hidden states where
+# LLM.int8()'s outlier features live. (attn.out reads attention values, mlp.down the MLP's inside.)
+RESIDUAL_READERS = ("attn.qkv", "mlp.gate_up", "mlp.up")
 
 
 @dataclass
@@ -69,12 +75,16 @@ class OutlierCensus:
     threshold: float
     layers: list[LayerOutliers] = field(default_factory=list)
     systematic: list[tuple[int, float, float]] = field(default_factory=list)   # (dim, layer share, token share)
-    column_max: torch.Tensor | None = None     # [layers of width d_model, d_model] max |x| (for the heatmap)
+    column_max: torch.Tensor | None = None     # [residual-reading layers, d_model] max |x| (the heatmap)
+    top_dims: list[tuple[int, int, float]] = field(default_factory=list)   # (dim, layers hit, max token share)
+    reader_layers: int = 0
 
 
 @torch.inference_mode()
 def outlier_census(model: nn.Module, ids: list[int], threshold: float = 6.0) -> OutlierCensus:
-    """Run `ids` through `model` (one sequence) and record the outliers at every Linear's input."""
+    """Run `ids` through `model` (one sequence, cut to its context) and record the outliers at every
+    Linear's input."""
+    ids = ids[: model.config.max_seq_len]
     records: dict[str, tuple[torch.Tensor, int, int]] = {}     # name -> (per-column counts, tokens hit, tokens)
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
@@ -98,7 +108,7 @@ def outlier_census(model: nn.Module, ids: list[int], threshold: float = 6.0) -> 
         columns = torch.nonzero(counts).view(-1).tolist()
         x_max = maxima[name]
         census.layers.append(LayerOutliers(name, counts.numel(), columns, with_outlier, tokens, float(x_max.max())))
-        if counts.numel() == d_model and name != "lm_head":
+        if name.endswith(RESIDUAL_READERS) and counts.numel() == d_model:
             per_dim_layers += (counts > 0).float()
             per_dim_tokens = torch.maximum(per_dim_tokens, counts.float() / tokens)
             heat.append(x_max)
@@ -106,6 +116,9 @@ def outlier_census(model: nn.Module, ids: list[int], threshold: float = 6.0) -> 
     for dim in torch.nonzero((per_dim_layers / n_layers >= 0.25) & (per_dim_tokens >= 0.06)).view(-1).tolist():
         census.systematic.append((dim, float(per_dim_layers[dim] / n_layers), float(per_dim_tokens[dim])))
     census.column_max = torch.stack(heat) if heat else None
+    census.reader_layers = len(heat)
+    order = per_dim_layers.argsort(descending=True)[:8].tolist()
+    census.top_dims = [(d, int(per_dim_layers[d]), float(per_dim_tokens[d])) for d in order if per_dim_layers[d] > 0]
     return census
 
 
