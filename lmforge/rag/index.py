@@ -128,7 +128,7 @@ class IVFIndex:
                  nprobe: int = 8) -> None:
         self.centroids, self.vectors, self.ids, self.offsets = centroids, vectors, ids, offsets
         self.nprobe = nprobe
-        self.candidate_budget = 1 << 20   # vectors gathered at once (x d x 4 bytes of memory)
+        self.candidate_budget = 1 << 18   # vectors gathered at once (x d x 4 bytes of memory)
 
     @classmethod
     @torch.no_grad()
@@ -168,10 +168,12 @@ class IVFIndex:
             rows = self.offsets[cells][..., None] + torch.arange(width)                # [g, nprobe, width]
             valid = torch.arange(width) < sizes[cells][..., None]
             rows = torch.where(valid, rows, 0).flatten(1)                               # [g, nprobe * width]
-            scores = torch.einsum("gcd,gd->gc", self.vectors[rows], q)
+            # index_select, not vectors[rows]: advanced indexing takes a much slower path on CPU.
+            candidates = self.vectors.index_select(0, rows.flatten()).view(*rows.shape, -1)   # [g, c, d]
+            scores = torch.bmm(candidates, q[:, :, None])[..., 0]
             scores = scores.masked_fill(~valid.flatten(1), float("-inf"))
             top, where = scores.topk(min(k, scores.shape[1]), dim=1)
-            ids = self.ids[rows.gather(1, where)]
+            ids = self.ids.index_select(0, rows.gather(1, where).flatten()).view_as(where)
             out_scores.append(top)
             out_ids.append(torch.where(torch.isfinite(top), ids, -1))   # fewer than k candidates: -1
         return torch.cat(out_scores), torch.cat(out_ids)
