@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_arguments(parser)
     add_tool_arguments(parser)
+    from ..rag.options import add_rag_arguments
+
+    add_rag_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -36,6 +39,8 @@ class ChatSession:
         self.engine, self.params, self.system = engine, params, system
         self.turns: list[dict[str, str]] = []   # user/assistant messages, oldest first
         self.tools = tools                      # a ToolRegistry (--tools): replies go through the tool loop
+        self.rag: Any = None                    # a lmforge.rag RagChat (--rag): passages go into the last message
+        self.sources: list = []                 # the passages retrieved for the last reply
 
     def messages(self) -> list[dict[str, str]]:
         system_text = "\n\n".join(part for part in (self.system, self.tools and self.tools.describe()) if part)
@@ -70,9 +75,14 @@ class ChatSession:
         the prompt's token ids (message text encoded as plain text, so it cannot fake a turn)."""
         from .chat import fit_chat
 
-        messages, prompt_ids = fit_chat(self.engine.tokenizer, self.engine.context_length, self.messages(),
+        source = self.messages()
+        if self.rag is not None:
+            source, self.sources = self.rag.augment(source)
+        messages, prompt_ids = fit_chat(self.engine.tokenizer, self.engine.context_length, source,
                                         self.params.max_new_tokens)
-        self.turns = messages[1:] if messages[0]["role"] == "system" else messages
+        kept = len(messages) - (messages[0]["role"] == "system")
+        # The kept turns as the user wrote them (with --rag, the passages are not kept in the history).
+        self.turns = self.turns[len(self.turns) - kept:] if self.rag is not None else messages[len(messages) - kept:]
         return prompt_ids
 
 
@@ -81,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     tools = tools_from_args(args)
     engine = load_engine(args, max_batch_size=1)
     session = ChatSession(engine, params, args.system, tools)
+    from ..rag.generate import sources_markdown
+    from ..rag.options import rag_from_args
+
+    session.rag = rag_from_args(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model}; {HELP}")
@@ -108,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 for piece in session.reply(text):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
+                if session.rag is not None and session.sources:
+                    sys.stdout.write("\n[sources]\n" + sources_markdown(session.sources).replace("**", ""))
             except KeyboardInterrupt:   # Ctrl-C stops this reply, not the chat
                 sys.stdout.write(" [interrupted; the turn was dropped]")
             except UserError as error:  # e.g. a message longer than the context: say so, keep chatting

@@ -10,6 +10,8 @@ index.py (exact / IVF / faiss vector indexes), bm25.py (BM25, reciprocal rank fu
 (the Index and its on-disk format), generate.py (prompts with citations; chat/serve/web hooks),
 evaluate.py (QA set, recall@k, MRR, accuracy), report.py (the recipe), commands.py (the CLI).
 """
-from .store import Index, Passage, build_index, load_index
+from ..lazy import lazy_getattr
 
 __all__ = ["Index", "Passage", "build_index", "load_index"]
+# Lazy: `lmforge chat --help` imports lmforge.rag.options, which must not pull in torch.
+__getattr__ = lazy_getattr(__name__, {name: f"{__name__}.store" for name in __all__})

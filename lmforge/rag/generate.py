@@ -133,24 +133,6 @@ def ask(engine: Any, index: Index, question: str, params: Any, k: int = 3, retri
     return RagAnswer(question, answer, passages)
 
 
-def add_rag_arguments(parser: Any) -> None:
-    """--rag DIR and --rag-k for chat, serve and web."""
-    parser.add_argument("--rag", default=None, metavar="DIR",
-                        help="answer with passages retrieved from this index (built by `lmforge rag index`)")
-    parser.add_argument("--rag-k", type=int, default=3, metavar="K", help="with --rag: passages per message")
-
-
-def rag_from_args(args: Any) -> RagChat | None:
-    if getattr(args, "rag", None) is None:
-        return None
-    from .store import load_index
-
-    index = load_index(args.rag)
-    if index.vectors is not None:
-        index.embedder()   # load (and check) the embedding model now, not inside the first request
-    return RagChat(index, k=getattr(args, "rag_k", 3))
-
-
 def sources_json(passages: Sequence[Passage]) -> list[dict[str, Any]]:
     """The passages as the server returns them (`sources` in a chat completion, numbered like the prompt)."""
     return [{"index": i, "title": p.title, "source": p.source, "score": round(p.score, 4), "text": p.text}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -39,8 +40,10 @@ DISCONNECT_CHECK_SECONDS = 0.5        # how soon an abandoned non-streaming requ
 
 
 def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key: str | None = None,
-               max_sequences_per_request: int = DEFAULT_MAX_SEQUENCES_PER_REQUEST) -> FastAPI:
+               max_sequences_per_request: int = DEFAULT_MAX_SEQUENCES_PER_REQUEST, rag: Any = None) -> FastAPI:
     """The API app. Pass an Engine (a Scheduler is made for it) or a Scheduler to share one.
+    With `rag` (a lmforge.rag RagChat), chat requests get retrieved passages in their last user
+    message, and the response lists them under "sources" (a streamed one in the X-RAG-Sources header).
 
     With an `api_key`, every path but /health needs 'Authorization: Bearer KEY', /openapi.json
     included, and the /docs and /redoc pages are off (see auth.py for why).
@@ -105,15 +108,28 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
             tools = registry_from_openai(body.tools)
             messages = with_system_text(messages, openai_tools_system_prompt(tools))
             body.stop = ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) + [ARROW]
+        sources = None
+        if rag is not None:   # --rag: embedding the query is CPU work, kept off the event loop
+            from ..rag.generate import sources_json
+
+            messages, passages = await asyncio.to_thread(rag.augment, messages)
+            sources = sources_json(passages)
         # Token ids, not text: message text is encoded as plain text, so it cannot fake a turn.
         prompt_ids, _ = render_chat_ids(engine.tokenizer, messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
         submitted = submit([prompt_ids], body, None, logprobs, body.top_logprobs or 0)
         reply = Reply("chatcmpl", model_name, engine, body.choices())
         if body.stream:
-            return sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
+            response = sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
+            if sources is not None:
+                response.headers["X-RAG-Sources"] = json.dumps([{k: v for k, v in s.items() if k != "text"}
+                                                                for s in sources])   # ASCII: json escapes
+            return response
         sequences = await _wait(request, submitted, scheduler)
-        return reply.chat(sequences, logprobs, tools=tools)
+        result = reply.chat(sequences, logprobs, tools=tools)
+        if sources is not None:
+            result["sources"] = sources
+        return result
 
     return app
 

@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                           "Rows are shared fairly between requests either way")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to serve, and the max_tokens limit; none = min(the model's, 2048)")
+    from ..rag.options import add_rag_arguments
+
+    add_rag_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -48,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     name = args.model_name or model_name(args.model)
-    app = create_app(engine, name, api_key=api_key, max_sequences_per_request=args.max_sequences_per_request)
+    from ..rag.options import rag_from_args
+
+    app = create_app(engine, name, api_key=api_key, max_sequences_per_request=args.max_sequences_per_request,
+                     rag=rag_from_args(args))
     if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)

@@ -38,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="initial temperature slider value")
     parser.add_argument("--top-p", type=float, default=0.95, help="initial top-p slider value")
     parser.add_argument("--max-tokens", type=int, default=256, help="initial max-new-tokens slider value")
+    from ..rag.options import add_rag_arguments
+
+    add_rag_arguments(parser)   # retrieval runs here, so it works with --server-url too
     parser.set_defaults(func=run)
 
 
@@ -57,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         backend = LocalBackend(load_engine(args, max_batch_size=args.max_batch_size), model_name(args.model))
     else:
         backend = RemoteBackend(args.server_url, api_key=api_key_from_env(args.api_key), model=args.server_model)
+
+    from ..rag.generate import rag_backend
+    from ..rag.options import rag_from_args
+
+    rag = rag_from_args(args)
+    if rag is not None:   # each reply ends with a "Sources" footer listing the retrieved passages
+        backend = rag_backend(backend, rag)
 
     # Imported late: Gradio takes a few seconds to import, and --help should not wait for it.
     from .web import build_web_app, launch
