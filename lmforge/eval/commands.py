@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,15 @@ def run_eval(args: argparse.Namespace) -> int:
         task_results = {}
         for task in tasks:
             task_started = time.perf_counter()
+            shown = min(len(task.docs), args.limit or len(task.docs))
+            print(f"{task.name}: {shown} {'passages' if task.kind == 'perplexity' else 'questions'} ...",
+                  file=sys.stderr, flush=True)
             task_results[task.name] = run_task(task, lm, limit=args.limit, num_fewshot=args.num_fewshot,
                                                seed=args.seed, samples=args.samples, temperature=args.temperature,
                                                allow_code_execution=args.allow_code_execution, chat=args.chat)
             task_results[task.name].config["seconds"] = round(time.perf_counter() - task_started, 1)
+            print(f"{task.name}: {task_results[task.name].metric} {task_results[task.name].value:.4f} "
+                  f"({task_results[task.name].config['seconds']} s)", file=sys.stderr, flush=True)
         from .results import EvalResults
 
         results = EvalResults(model=args.model, model_name=model_name(args.model), parameters=lm.parameters(),
