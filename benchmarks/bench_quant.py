@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 import warnings
 
@@ -117,6 +118,7 @@ def main() -> None:
     hf_options["bf16"] = hf_decode(hf, prompt_ids, args.new_tokens, args.repeats)
     rows.append(("transformers", "bf16", "eager", hf_options["bf16"], None))
     del hf
+    print(f"[transformers: {hf_options}]", file=sys.stderr, flush=True)
     hf_best_name = max(hf_options, key=hf_options.get)
     hf_best = hf_options[hf_best_name]
 
@@ -131,6 +133,7 @@ def main() -> None:
             speed, compile_s = ours_decode(model, tokenizer, prompt_ids, args.new_tokens, args.repeats, compile)
             mode = "compiled" if compile else "eager"
             rows.append(("lmforge", method, mode, speed, ppl))
+            print(f"[{method} {mode}: {speed:.2f} tok/s, perplexity {ppl:.3f}]", file=sys.stderr, flush=True)
             key = f"{method}_{mode}"
             figures[f"{key}_tokens_per_s"] = round(speed, 2)
             figures[f"{key}_vs_hf_fp32"] = round(speed / hf_fp32, 3)
