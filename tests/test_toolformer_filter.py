@@ -95,3 +95,15 @@ def test_config_validation():
 
     with pytest.raises(UserError, match="samples"):
         ToolformerConfig(samples=0).validate()
+
+
+def test_recipes_load_and_unknown_keys_are_refused():
+    from lmforge.errors import UserError
+    from lmforge.labs.metaicl import load_metaicl_config
+    from lmforge.labs.toolformer import load_toolformer_config
+
+    assert load_toolformer_config("toolformer-smollm2", ["tau=0.5"]).tau == 0.5
+    config = load_metaicl_config("metaicl-smollm2")
+    assert config.shots == [0, 1, 4, 8] and "gcd" in config.eval_tasks and "gcd" not in config.train_tasks
+    with pytest.raises(UserError, match="nope"):
+        load_toolformer_config("toolformer-smollm2", ["nope=1"])
