@@ -231,3 +231,24 @@ def test_cli_battle_with_a_judge_model(saved_poet_and_adapter, tmp_path, capsys)
     assert len(records) == 4 and {r.judge for r in records} == {"poet"}
     assert {r.model_a for r in records} | {r.model_b for r in records} == {"poet", "poet+lora"}
     assert {r.prompt for r in records} == {"hello", "hi there"}
+
+
+def test_terminal_vote_asks_until_the_answer_is_a_vote(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lmforge.eval.arena_command import _terminal_vote
+
+    answers = iter(["maybe", "", "X"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    assert _terminal_vote(SimpleNamespace(prompt="q?"), "left answer", "right answer") == "both_bad"
+    shown = capsys.readouterr().out
+    assert "q?" in shown and "left answer" in shown and "right answer" in shown
+    assert "tiny" not in shown                                   # no model names before the vote
+
+
+def test_battle_without_judge_or_terminal_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["arena", "battle", "--models", "nano,tiny", "--log", str(tmp_path / "b.sqlite")]) == 2
+    assert "no terminal to vote in" in capsys.readouterr().err

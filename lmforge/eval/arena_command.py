@@ -90,6 +90,8 @@ def run_battle(args: argparse.Namespace) -> int:
     from .arena import ModelJudge, load_arena_model, load_prompts, run_battles
     from .battle_log import BattleLog
 
+    if not args.judge and not sys.stdin.isatty():     # before minutes of loading models
+        raise UserError("no --judge and no terminal to vote in; pass --judge REF, or run in a terminal")
     prompts = load_prompts(args.prompts)
     log = BattleLog(args.log)
     first, second = _load_pair(args)
@@ -98,8 +100,6 @@ def run_battle(args: argparse.Namespace) -> int:
         print(f"loading judge {args.judge} ...", file=sys.stderr, flush=True)
         judge_model = load_arena_model(args.judge, device=args.device, max_seq_len=args.max_seq_len)
         judge = ModelJudge(judge_model.engine, name=judge_model.name)
-    elif not sys.stdin.isatty():
-        raise UserError("no --judge and no terminal to vote in; pass --judge REF, or run in a terminal")
     records = run_battles(first, second, prompts, _params(args, args.seed), log, judge=judge,
                           vote=None if judge else _terminal_vote, rounds=args.rounds, seed=args.seed,
                           session="cli")
