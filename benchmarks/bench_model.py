@@ -2,8 +2,9 @@
 
 Compares against GPT2LMHeadModel (GPT-2 recipe) and LlamaForCausalLM (Llama recipe), in fp32 and
 in bf16 autocast, and reports tokens/s, the ratio, and MFU against this machine's matmul peak for
-the dtype (measured here, in the same run). lmforge is timed eager and with torch.compile;
-transformers eager (how it is usually run). Ends with one JSON line.
+the dtype (measured here, in the same run). lmforge is timed eager and with torch.compile, with
+logits + cross-entropy as transformers does and with its fused output layer + loss (what its
+Trainer runs); transformers eager and compiled. Ends with one JSON line.
 
 On CPUs without native bf16 (no AVX512-BF16/AMX), bf16 matmuls are emulated and run tens of times
 slower than fp32; the bf16 rows then use batch size 1 so the benchmark finishes (it says so).
@@ -84,6 +85,21 @@ def forward_backward(model: torch.nn.Module, ids: torch.Tensor, dtype_name: str)
     return step
 
 
+def fused_forward_backward(model: torch.nn.Module, ids: torch.Tensor, dtype_name: str):
+    """lmforge's training path: the output layer and the loss fused (GPT.forward(labels=...)),
+    so the [B, T, V] logits are never built (model/lm_head_loss.py)."""
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    count = labels[:, :-1].numel()
+
+    def step() -> None:
+        with autocast(dtype_name):
+            loss = model(ids, labels=labels, return_output=True).loss_sum / count
+        loss.backward()
+        for parameter in model.parameters():
+            parameter.grad = None
+    return step
+
+
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and batch shape flags that this benchmark and bench_train.py share."""
     parser.add_argument("--steps", type=int, default=3)
@@ -119,10 +135,13 @@ def main() -> None:
             ids = torch.randint(0, args.vocab_size, (batch, args.seq_len))
             ours, theirs = GPT(config).train(), hf_model(family, config).train()
             measured = {"lmforge": forward_backward(ours, ids, dtype_name),
+                        "lmforge fused loss": fused_forward_backward(ours, ids, dtype_name),
                         "transformers": forward_backward(theirs, ids, dtype_name)}
             if not args.no_compile:
                 # Both sides compiled: a user who compiles transformers is the fair reference too.
-                measured["lmforge compiled"] = forward_backward(torch.compile(ours), ids, dtype_name)
+                compiled = torch.compile(ours)
+                measured["lmforge compiled"] = forward_backward(compiled, ids, dtype_name)
+                measured["lmforge fused compiled"] = fused_forward_backward(compiled, ids, dtype_name)
                 measured["transformers compiled"] = forward_backward(torch.compile(theirs), ids, dtype_name)
             tokens_per_s = {name: ids.numel() / median_seconds(step, steps) for name, step in measured.items()}
             best_ours = max(value for name, value in tokens_per_s.items() if name.startswith("lmforge"))
@@ -142,9 +161,9 @@ def main() -> None:
           f"V={args.vocab_size}, {torch.get_num_threads()} threads; measured matmul peak "
           f"fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s"
           + (" (bf16 emulated on this CPU: bf16 rows use batch 1)" if bf16_emulated else ""))
-    print(f"{'family':<7}{'dtype':<6}{'B':>3}  {'implementation':<18}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
+    print(f"{'family':<7}{'dtype':<6}{'B':>3}  {'implementation':<23}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
     for family, dtype_name, batch, name, value, ratio, mfu in rows:
-        print(f"{family:<7}{dtype_name:<6}{batch:>3}  {name:<18}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
+        print(f"{family:<7}{dtype_name:<6}{batch:>3}  {name:<23}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
     print(json.dumps({"benchmark": "model_forward_backward", **figures}))
 
 

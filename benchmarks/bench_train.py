@@ -38,10 +38,12 @@ class RepeatBatch:
         pass
 
 
-def lmforge_step(config, ids: torch.Tensor, precision: str, run_dir: str, optimizer: str, compile: bool = False):
+def lmforge_step(config, ids: torch.Tensor, precision: str, run_dir: str, optimizer: str, compile: bool = False,
+                 fused_loss: bool = True):
     train_config = TrainConfig(max_steps=10_000, precision=precision, optimizer=optimizer, lr=1e-4,
                                warmup_steps=0, progress=False, peak_flops=1.0, compile=compile)
-    trainer = Trainer(GPT(config), CausalLMObjective(), RepeatBatch(ids), train_config, run_dir=run_dir)
+    trainer = Trainer(GPT(config), CausalLMObjective(fused_loss=fused_loss), RepeatBatch(ids), train_config,
+                      run_dir=run_dir)
     return lambda: trainer.train_step()
 
 
@@ -84,6 +86,8 @@ def main() -> None:
             steps_by_name = {
                 "lmforge (AdamW from scratch)": lmforge_step(config, ids, precision, run_dir, "adamw"),
                 "lmforge (torch fused AdamW)": lmforge_step(config, ids, precision, run_dir, "fused"),
+                "lmforge (fused AdamW, unfused loss)": lmforge_step(config, ids, precision, run_dir, "fused",
+                                                                    fused_loss=False),
                 "transformers + torch AdamW": hf_step("gpt2", config, ids, precision),
             }
             if not args.no_compile:
@@ -106,9 +110,9 @@ def main() -> None:
           f"{figures['parameters'] / 1e6:.1f}M params, T={args.seq_len}), {torch.get_num_threads()} threads; "
           f"matmul peak fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s"
           + (" (bf16 emulated on this CPU: bf16 rows use batch 1)" if bf16_emulated else ""))
-    print(f"{'dtype':<6}{'B':>3}  {'implementation':<32}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
+    print(f"{'dtype':<6}{'B':>3}  {'implementation':<36}{'tokens/s':>10}{'vs HF':>8}{'MFU':>8}")
     for precision, batch, name, value, ratio, mfu in rows:
-        print(f"{precision:<6}{batch:>3}  {name:<32}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
+        print(f"{precision:<6}{batch:>3}  {name:<36}{value:>10.1f}{ratio:>7.2f}x{mfu:>8.1%}")
     print(json.dumps({"benchmark": "train_throughput", **figures}))
 
 
