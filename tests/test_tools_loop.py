@@ -113,3 +113,36 @@ def test_retrieval_needs_an_existing_index(tmp_path):
         ToolRegistry.builtin("retrieval", tmp_path / "missing")
     with pytest.raises(UserError, match="unknown tool 'shell'"):
         ToolRegistry.builtin("calculator,shell")
+
+
+def test_retrieval_searches_the_rag_index_lazily(tmp_path, monkeypatch):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    import lmforge
+
+    @dataclass
+    class Passage:     # the shape of lmforge.rag's passages
+        title: str
+        text: str
+        score: float
+
+    loaded = []
+
+    class FakeIndex:
+        def search(self, query: str, k: int):
+            return [Passage("Paris", f"Paris is the capital of France ({query}).", 0.9),
+                    Passage("Lyon", "Lyon is a city   in France.", 0.5)][:k]
+
+    fake = types.ModuleType("lmforge.rag")
+    fake.load_index = lambda directory: loaded.append(directory) or FakeIndex()
+    monkeypatch.setitem(sys.modules, "lmforge.rag", fake)
+    monkeypatch.setattr(lmforge, "rag", fake, raising=False)
+    registry = ToolRegistry.builtin("calculator,retrieval", tmp_path)
+    assert loaded == []                                 # nothing loaded until the first call
+    call = registry.run("[retrieval(capital of France)")
+    assert call.result == ("Paris: Paris is the capital of France (capital of France). | "
+                           "Lyon: Lyon is a city in France.")
+    registry.run("[retrieval(again)")
+    assert loaded == [str(tmp_path)]                    # loaded once
