@@ -111,13 +111,13 @@ def plot(results: dict, path: Path) -> None:
     for name, metrics in results["retrieval"].items():
         ks = [int(key.split("@")[1]) for key in metrics if key.startswith("recall@")]
         left.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=f"{name} (MRR {metrics['mrr@20']:.2f})")
-    left.set(xscale="log", xlabel="k", ylabel="recall@k", title=f"retrieval, {results['questions']} held-out questions")
+    left.set(xscale="log", ylim=(0, 1.02), xlabel="k", ylabel="recall@k", title=f"retrieval, {results['questions']} held-out questions")
     left.set_xticks(ks, [str(k) for k in ks])
     left.legend()
     if results["answers"]:
         a = results["answers"]
-        bars = {"closed-book": a["closed_book_accuracy"], f"RAG ({a['retriever']}, k={a['k']})": a["rag_accuracy"],
-                "gold passage in context": a["gold_in_context"]}
+        bars = {"closed-book": a["closed_book_accuracy"], f"RAG\n{a['retriever']}, k={a['k']}": a["rag_accuracy"],
+                "gold passage\nin the prompt": a["gold_in_context"]}
         right.bar(list(bars), list(bars.values()), color=["grey", "tab:blue", "tab:green"])
         right.set(ylim=(0, 1), ylabel="fraction of questions", title=f"SmolLM2-135M answers, n={a['n']}")
         for i, value in enumerate(bars.values()):
