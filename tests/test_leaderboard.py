@@ -165,3 +165,12 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, monkeypatch, setup, argv
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_one_row_per_run_however_it_was_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/r").mkdir(parents=True)
+    EvalResults("runs/r", "r", 5, {"a": TaskResult("acc", 0.5, None, 2)}).save(tmp_path / "one.json")
+    EvalResults(str(tmp_path / "runs/r") + "/", "r", 5, {"b": TaskResult("acc", 0.7, None, 2)}).save(tmp_path / "two.json")
+    [row] = build_board(load_all([tmp_path / "one.json", tmp_path / "two.json"])).rows
+    assert sorted(row.scores) == ["a", "b"] and row.average == pytest.approx(60.0)

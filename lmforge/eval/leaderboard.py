@@ -91,17 +91,24 @@ def load_all(files: Sequence[Path]) -> list[EvalResults]:
     return [load_results(path) for path in dict.fromkeys(Path(f).resolve() for f in files)]
 
 
+def model_key(ref: str) -> str:
+    """One row per model: "runs/x", "./runs/x/" and "/abs/runs/x" are the same run."""
+    path = Path(ref)
+    return str(path.resolve()) if path.exists() else ref
+
+
 def build_board(results: Sequence[EvalResults], arena: Sequence[dict[str, Any]] = ()) -> Board:
     """Merge results per model, attach arena ratings by name, compute the averages, sort."""
     rows: dict[str, Row] = {}
     newest: dict[tuple[str, str], str] = {}          # (model, task) -> date of the score kept
     for result in sorted(results, key=lambda r: r.date):
-        row = rows.setdefault(result.model, Row(result.model_name, result.model, result.parameters, result.date))
+        key = model_key(result.model)
+        row = rows.setdefault(key, Row(result.model_name, result.model, result.parameters, result.date))
         row.date = max(row.date, result.date)
         row.parameters = result.parameters or row.parameters
         for task, t in result.tasks.items():
-            if result.date >= newest.get((result.model, task), ""):
-                newest[(result.model, task)] = result.date
+            if result.date >= newest.get((key, task), ""):
+                newest[(key, task)] = result.date
                 row.scores[task] = Score(t.metric, t.value, t.stderr, t.n)
     for rating in arena:
         match = [row for row in rows.values() if rating["model"] in (row.model, row.ref, Path(row.ref).name)]
