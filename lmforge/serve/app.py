@@ -103,7 +103,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         body.check()
         messages, tools = body.messages, None
         if body.tools and body.tool_choice != "none":   # tool calls: lmforge.infer.tools' markup
-            from ..infer.tools import ARROW, openai_tools_system_prompt, registry_from_openai, with_system_text
+            from .tool_calls import ARROW, openai_tools_system_prompt, registry_from_openai, with_system_text
 
             tools = registry_from_openai(body.tools)
             messages = with_system_text(messages, openai_tools_system_prompt(tools))

@@ -119,7 +119,7 @@ class Reply:
                     "logprobs": self.chat_logprobs(s, 0, len(s.token_ids)) if logprobs else None}
                    for index, s in enumerate(sequences)]
         if tools is not None:   # a reply that stopped at a call's arrow becomes OpenAI tool_calls
-            from ..infer.tools import split_tool_call
+            from .tool_calls import split_tool_call
 
             for choice, s in zip(choices, sequences):
                 content, call = split_tool_call(s.text.text, self.engine.tokenizer.decode(s.token_ids), tools)
