@@ -237,3 +237,17 @@ def test_bad_prompt_configs_and_adapters_are_user_errors(tmp_path, tokenizer_dir
     assert "trained on another base model" in capsys.readouterr().err
     fitting = save_prompt_adapter(_adapted("prompt", {}, _model(vocab_size=tokenizer.vocab_size)), tmp_path / "fits")
     assert cli.main(["convert", str(base_dir), "--to", str(tmp_path / "merged"), "--merge-adapter", str(fitting)]) == 2
+
+
+def test_web_takes_an_adapter_for_a_local_model(tmp_path, tokenizer_dir):
+    from lmforge.cli import build_command_parser
+    from lmforge.infer.commands import load_engine
+
+    tokenizer = load("nano", tokenizer=tokenizer_dir)[1]
+    base_dir = tmp_path / "base"
+    save_pretrained(_model(vocab_size=tokenizer.vocab_size), tokenizer, base_dir)
+    adapter = save_prompt_adapter(_adapted("prefix", {}, _model(vocab_size=tokenizer.vocab_size)), tmp_path / "ad")
+    args = build_command_parser("web").parse_args(["--model", str(base_dir), "--adapter", str(adapter)])
+    engine = load_engine(args, max_batch_size=args.max_batch_size)
+    assert isinstance(engine.model, PromptTunedLM)
+    assert cli.main(["web", "--server-url", "http://127.0.0.1:9", "--adapter", str(adapter)]) == 2

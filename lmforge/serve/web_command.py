@@ -31,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="interface to listen on; 0.0.0.0 exposes the demo (it has no login) to your network")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument("--device", default="auto", help="with --model: cpu, cuda, mps, or auto (cuda when available)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="with --model: a PEFT adapter directory (LoRA, merged at load; prompt/prefix/P-tuning, "
+                             "kept as a KV-cache prefix)")
     parser.add_argument("--context-policy", choices=["truncate_left", "error"], default="truncate_left",
                         help="with --model: a chat too long for the context drops its oldest tokens, or is refused")
     parser.add_argument("--max-batch-size", type=int, default=16,
@@ -51,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     check_port(args.port)
     if args.model is not None and (args.api_key is not None or args.server_model is not None):
         raise UserError("--api-key and --server-model only apply to --server-url; drop them or use --server-url")
+    if args.adapter is not None and args.model is None:
+        raise UserError("--adapter applies to --model (a local model); drop it, or load the adapter in the server "
+                        "that --server-url points to")
     defaults = ChatSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_tokens).validate()
 
     if args.model is not None:
