@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--hf-compile", action="store_true", help="also run transformers with torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--ppl-tokens", type=int, default=1025)
+    parser.add_argument("--ppl-tokens", type=int, default=1025, help="0 = skip perplexity (lmforge quantize reports it)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def main() -> None:
 
     base, tokenizer = lmforge.load("smollm2-135m-instruct")
     prompt_ids = tokenizer.encode(PROMPT)
-    ppl_ids = heldout_shakespeare_ids(tokenizer, args.ppl_tokens)
+    ppl_ids = heldout_shakespeare_ids(tokenizer, args.ppl_tokens) if args.ppl_tokens else []
     figures = {"benchmark": "quant", "model": "smollm2-135m-instruct", "cpu": cpu_name(), "batch_size": 1,
                "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
     rows = []                                         # (side, method, mode, tok/s, ppl)
@@ -127,8 +127,8 @@ def main() -> None:
         model = lmforge.load("smollm2-135m-instruct")[0] if method != "fp32" else base
         dtype = "bf16" if method == "bf16" else "fp32"
         model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method)
-        ppl = perplexity(model, ppl_ids)
-        ppl_fp32 = ppl if method == "fp32" else ppl_fp32
+        ppl = perplexity(model, ppl_ids) if ppl_ids else float("nan")
+        ppl_fp32 = ppl if method == "fp32" and ppl_ids else ppl_fp32
         for compile in (False, True) if args.compile and method != "nf4" else (False,):
             speed, compile_s = ours_decode(model, tokenizer, prompt_ids, args.new_tokens, args.repeats, compile)
             mode = "compiled" if compile else "eager"
@@ -138,7 +138,7 @@ def main() -> None:
             figures[f"{key}_tokens_per_s"] = round(speed, 2)
             figures[f"{key}_vs_hf_fp32"] = round(speed / hf_fp32, 3)
             figures[f"{key}_vs_hf_best"] = round(speed / hf_best, 3)
-        figures[f"{method}_ppl"] = round(ppl, 3)
+        figures[f"{method}_ppl"] = round(ppl, 3) if ppl_ids else None
         if ppl_fp32 is not None:
             figures[f"{method}_ppl_vs_fp32"] = round(ppl / ppl_fp32, 4)
         del model
