@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per log-likelihood forward")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (None: fp32)")
     parser.add_argument("--out", default=None, help="results JSON (default: artifacts/eval/NAME-DATE.json)")
     parser.set_defaults(func=run_eval)
 
