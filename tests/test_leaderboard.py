@@ -174,3 +174,12 @@ def test_one_row_per_run_however_it_was_named(tmp_path, monkeypatch):
     EvalResults(str(tmp_path / "runs/r") + "/", "r", 5, {"b": TaskResult("acc", 0.7, None, 2)}).save(tmp_path / "two.json")
     [row] = build_board(load_all([tmp_path / "one.json", tmp_path / "two.json"])).rows
     assert sorted(row.scores) == ["a", "b"] and row.average == pytest.approx(60.0)
+
+
+def test_an_empty_default_arena_log_is_skipped(tmp_path, capsys, monkeypatch):
+    write_results(tmp_path)
+    BattleLog(tmp_path / "artifacts/arena/battles.sqlite")          # created, no battles yet
+    monkeypatch.chdir(tmp_path)
+    assert main(["leaderboard"]) == 0
+    assert main(["leaderboard", "--arena-log", "artifacts/arena/battles.sqlite"]) == 2    # named: must have battles
+    assert "has no battles" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..cli import HelpFormatter, check_port, is_loopback
 from ..errors import UserError
-from .battle_log import DEFAULT_LOG
+from .battle_log import DEFAULT_LOG, BattleLog
 
 EXAMPLES = """example:
   lmforge leaderboard                                   # runs/*/eval/*.json, artifacts/eval/*.json, the arena log
@@ -42,7 +42,8 @@ def load_board(args: argparse.Namespace):
     arena = []
     if not args.no_arena:
         log = Path(args.arena_log) if args.arena_log else DEFAULT_LOG
-        if args.arena_log or log.exists():
+        # The default log is optional (and may hold no battles yet); a log you name must be usable.
+        if args.arena_log or (log.exists() and len(BattleLog(log, create=False))):
             arena = ratings_table(str(log), rounds=args.bootstrap)
     if not results and not arena:
         where = " ".join(map(str, args.paths)) if args.paths else "runs/*/eval/*.json or artifacts/eval/*.json"
