@@ -70,7 +70,7 @@ def test_constitutional_ai_end_to_end_on_a_tiny_model(tokenizer_dir, tmp_path):
                             '  - {name: safe, critique: "Unsafe?", revision: "Be safe.", criterion: safer}\n')
     args = ["align", "cai", "model=nano", f"tokenizer={tokenizer_dir}", f"prompts={prompts}", f"out_dir={tmp_path}",
             f"constitution={constitution}",
-            "name=cai", "held_out=3", "max_new_tokens=4", "sft_steps=2", "dpo_steps=2", "batch_size=2", "seq_len=192",
+            "name=cai", "held_out=3", "max_new_tokens=4", "sft_steps=2", "dpo_steps=2", "batch_size=2", "seq_len=128",
             "progress=false", "lora.r=2", "lora.alpha=4"]
     assert cli.main(args) == 0
     run = tmp_path / "cai"
