@@ -3,7 +3,6 @@ DeepSpeed ds_config.json written from a recipe."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
