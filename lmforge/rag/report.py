@@ -83,6 +83,9 @@ def run_report(config: RagReportConfig, out: str | Path) -> Path:
     retrieval = evaluate_retrieval(index, qa)
     ivf = ivf_recall(index, [item.question for item in qa], None, config.nprobes)
     timings["retrieval_s"] = time.perf_counter() - clock
+    # Written now too: the answers take the longest, and retrieval figures should survive an interrupt.
+    write_json_atomic(directory / "results.json", {"retrieval": retrieval, "ivf": ivf, "timings": timings,
+                                                   "documents": len(docs), "chunks": len(chunks), "partial": True})
 
     answers = None
     if config.answer_questions:
