@@ -149,7 +149,7 @@ class ToolRegistry:
             signature = properties[0] if len(properties) == 1 else "{json arguments}"
             lines.append(f"- {tool.name}({signature}): {tool.description}")
         if self.get("calculator"):
-            lines.append("Example: 12 boxes of 23 pens are [calculator(12*23)→ 276] 276 pens.")
+            lines.append("Example: 12 * 23 is [calculator(12*23)→ 276] 276.")
         return "\n".join(lines)
 
     @classmethod

@@ -160,10 +160,16 @@ def accuracy(problems_: list[Problem], replies: list[str]) -> float:
     return sum(score_answer(p.meta, final_answer(r)) for p, r in zip(problems_, replies)) / max(1, len(problems_))
 
 
-def _prompt(tokenizer: Any, question: str, system: str | None) -> list[int]:
+# The one demonstration that "tools at inference only" shows an untrained model.
+DEMONSTRATION = [{"role": "user", "content": "What is 12 * 23?"},
+                 {"role": "assistant", "content": "[calculator(12*23)→ 276] 276"}]
+
+
+def _prompt(tokenizer: Any, question: str, system: str | None, shot: bool = False) -> list[int]:
     from ..tokenizer.chat_template import render_chat_ids
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    messages = ([{"role": "system", "content": system}] if system else []) + (DEMONSTRATION if shot else []) + \
+        [{"role": "user", "content": question}]
     return render_chat_ids(tokenizer, messages, add_generation_prompt=True)[0]
 
 
@@ -214,8 +220,10 @@ def annotate(config: ToolformerConfig, engine: Any, registry: Any, train: list[P
         head = prompts[index] + tokenizer.encode(prefix, allow_special=False)
         call_text = f"{CALL}{expression})→"
         plain.append(head)
-        empty.append(head + tokenizer.encode(call_text + " ]", allow_special=False))
-        full.append(head + tokenizer.encode(f"{call_text} {result}]", allow_special=False))
+        # The inserted text ends with "] " as in the fine-tuning data ("...→ 51465] 51465"): without
+        # that space the answer's digits would be scored where the model expects " " (a lower gain).
+        empty.append(head + tokenizer.encode(call_text + " ] ", allow_special=False))
+        full.append(head + tokenizer.encode(f"{call_text} {result}] ", allow_special=False))
         rests.append(rest)
     if not calls:
         return [], {"texts": len(train), "positions": len(candidates), "sampled": len(texts), "executed": 0, "kept": 0}
@@ -257,13 +265,13 @@ def _generate_seeded(engine: Any, prompts: list[list[int]], params: Any) -> list
     return [s.result() for s in sequences]
 
 
-def evaluate(engine: Any, registry: Any, held_out: list[Problem], system: str | None, answer_tokens: int
-             ) -> tuple[float, list[str], int]:
+def evaluate(engine: Any, registry: Any, held_out: list[Problem], system: str | None, answer_tokens: int,
+             shot: bool = False) -> tuple[float, list[str], int]:
     """(accuracy, replies, calls made): greedy; through the tool loop when `registry` is given."""
     from ..infer.sampling import SamplingParams
     from ..infer.tools import ToolLoop
 
-    prompts = [_prompt(engine.tokenizer, p.question, system) for p in held_out]
+    prompts = [_prompt(engine.tokenizer, p.question, system, shot) for p in held_out]
     params = SamplingParams(max_new_tokens=answer_tokens)
     if registry is None:
         replies = [r.text for r in engine.generate(prompts, params)]
@@ -299,7 +307,7 @@ def run_toolformer(config: ToolformerConfig) -> dict:
     base_acc, base_replies, _ = evaluate(engine, None, held_out, None, config.answer_tokens)
     lap("eval without tools")
     tools_acc, tools_replies, tools_calls = evaluate(engine, registry, held_out, registry.describe(),
-                                                     config.answer_tokens)
+                                                     config.answer_tokens, shot=True)
     lap("eval with tools at inference")
     examples, counts = annotate(config, engine, registry, train)
     lap("annotate and filter")
