@@ -200,6 +200,7 @@ def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
             raise UserError(f"model '{config.model}' has no tokenizer; set tokenizer=PATH")
         if getattr(model.config, "arch", "gpt") != "gpt":
             raise UserError(f"model '{config.model}' is a BERT; preference optimisation needs a causal LM (a GPT)")
+        model = merged_if_adapted(model, config)
         objective = PreferenceObjective(config.loss_type, config.beta, config.label_smoothing, config.simpo_gamma,
                                         config.desirable_weight, config.undesirable_weight)
         frozen: dict[str, torch.nn.Module] = {}
@@ -235,6 +236,19 @@ def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
                                              title=f"{config.loss_type.upper()} report")
             print(f"report: {report}")
         return result
+
+
+def merged_if_adapted(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """A starting model that carries LoRA adapters (a LoRA SFT run) is merged first: it is the
+    model being aligned (and, with peft=lora, the reference the new adapters are measured from)."""
+    from ..peft.lora import has_lora, unload_lora
+
+    if not has_lora(model):
+        return model
+    model = unload_lora(model, merge=True)
+    for parameter in model.parameters():       # a plain model again: every weight trainable
+        parameter.requires_grad_(True)
+    return model
 
 
 def describe_reference(config: DPOConfig, objective: Any) -> str:

@@ -126,7 +126,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
     """Train a reward model on config.pairs; writes the head and (export_hf) an HF directory."""
     from ..model.loading import load
     from ..train.sft import _tokenizer_reference, _with_adapters
-    from .dpo import PreferenceEvaluation, prepare_pair_data, write_preference_report
+    from .dpo import PreferenceEvaluation, merged_if_adapted, prepare_pair_data, write_preference_report
 
     config.validate()
     with RunSession(config, resume) as session:
@@ -137,6 +137,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
         model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
         if tokenizer is None or getattr(model.config, "arch", "gpt") != "gpt":
             raise UserError(f"model '{config.model}' must be a causal LM (GPT) with a tokenizer; set tokenizer=PATH")
+        model = merged_if_adapted(model, config)
         objective = RewardObjective(model.config.d_model, config.center_rewards_coefficient)
         started = time.perf_counter()
         data = prepare_pair_data(config, tokenizer, context.rank, context.world_size)
