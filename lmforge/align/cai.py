@@ -198,9 +198,18 @@ def constitutional_ai(config: CAIConfig, resume: bool = False) -> Path:
                                    "warmup_steps=2", *common]))
 
     # ---- phase 2: AI preferences by the principles -> DPO
+    # DPO starts from the SFT model merged into a plain model directory: a LoRA run loads as base +
+    # adapters, and the DPO run's own adapters must name a plain base to be loadable.
+    sft_model = run / "sft-merged"
+    if not (resume and (sft_model / "config.json").is_file()):
+        from ..model.loading import save_pretrained
+        from .dpo import merged_if_adapted
+
+        merged, sft_tokenizer = load(sft_run)
+        save_pretrained(merged_if_adapted(merged, config), sft_tokenizer, sft_model)
     pairs_file = run / "ai_pairs.jsonl"
     if not (resume and pairs_file.is_file()):
-        policy, _ = load(sft_run)
+        policy, _ = load(sft_model)
         criteria = [random.Random(config.seed * 104729 + i).choice(principles).criterion for i in range(len(train))]
         log(f"cai phase 2: {len(train)} prompts x 2 answers, judged in both orders", file=sys.stderr)
         pairs, stats = ai_feedback_pairs(policy, judge, judge_tokenizer, tokenizer, train, config.temperature,
@@ -213,7 +222,7 @@ def constitutional_ai(config: CAIConfig, resume: bool = False) -> Path:
     dpo_run = run / "dpo"
     if not (resume and (dpo_run / "model.safetensors").is_file()):
         n_pairs = sum(1 for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip())
-        dpo(load_dpo_config(None, [f"model={sft_run}", f"pairs={pairs_file}", "name=dpo", f"max_steps={config.dpo_steps}",
+        dpo(load_dpo_config(None, [f"model={sft_model}", f"pairs={pairs_file}", "name=dpo", f"max_steps={config.dpo_steps}",
                                    f"lr={config.dpo_lr}", f"beta={config.beta}",
                                    f"val_pairs={max(config.batch_size, min(8, n_pairs // 5))}",
                                    f"eval_interval={config.dpo_steps}", f"checkpoint_interval={config.dpo_steps}",
