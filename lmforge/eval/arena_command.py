@@ -87,9 +87,10 @@ def _terminal_vote(matchup: Any, answer_a: str, answer_b: str) -> str:
 
 
 def run_battle(args: argparse.Namespace) -> int:
-    from .arena import ModelJudge, load_arena_model, load_prompts, run_battles
+    from .arena import ModelJudge, load_arena_model, load_prompts, run_battles, split_models
     from .battle_log import BattleLog
 
+    split_models(args.models)                         # a bad --models is the first thing to say
     if not args.judge and not sys.stdin.isatty():     # before minutes of loading models
         raise UserError("no --judge and no terminal to vote in; pass --judge REF, or run in a terminal")
     prompts = load_prompts(args.prompts)

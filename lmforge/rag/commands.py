@@ -14,8 +14,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.description = "Retrieval-augmented generation: index a corpus, ask with citations, evaluate."
     parser.formatter_class = HelpFormatter
-    parser.epilog = ('example:\n  lmforge rag index --corpus wiki --out runs/wiki-index\n'
-                     '  lmforge rag ask --index runs/wiki-index "Who wrote the Aeneid?"')
     subparsers = parser.add_subparsers(dest="action", required=True)
 
     index = add_subparser(subparsers, "index", "chunk and embed a corpus into a searchable index directory",
