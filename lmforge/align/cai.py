@@ -139,7 +139,7 @@ def critique_and_revise(model: Any, tokenizer: Any, prompts: list[list[dict[str,
 
 def constitutional_ai(config: CAIConfig, resume: bool = False) -> Path:
     """Both phases and the final comparison; returns the report path. `resume` reuses finished phases."""
-    from ..io import atomic_open, write_json_atomic, write_text_atomic
+    from ..io import atomic_open, write_json_atomic
     from ..model.loading import load
     from ..train.sft import load_sft_config, sft
     from .data import Pair, write_pairs
@@ -160,12 +160,9 @@ def constitutional_ai(config: CAIConfig, resume: bool = False) -> Path:
     run = config.run_dir
     if run.exists() and not resume and any(run.iterdir()):
         raise UserError(f"run directory '{run}' already exists; continue it with --resume or choose name=NEW_NAME")
-    from ..train.sft import _tokenizer_reference
+    from ..train.sft import load_causal_lm
 
-    torch.manual_seed(config.seed)
-    model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
-    if tokenizer is None:
-        raise UserError(f"model '{config.model}' has no tokenizer; set tokenizer=PATH")
+    model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
     judge, judge_tokenizer = (model, tokenizer) if config.judge is None else load(config.judge)
     run.mkdir(parents=True, exist_ok=True)
     common = [f"out_dir={run}", f"batch_size={config.batch_size}", f"seq_len={config.seq_len}", f"seed={config.seed}",

@@ -186,7 +186,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[list[di
 def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
     """Train config.model on config.pairs with config.loss_type; `resume` continues the run."""
     from ..model.loading import load
-    from ..train.sft import _tokenizer_reference, _with_adapters
+    from ..train.sft import _with_adapters, load_causal_lm
     from .preference import PreferenceObjective
 
     config.validate()
@@ -194,10 +194,7 @@ def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
         context = session.context
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
         check_precision(config, context)
-        torch.manual_seed(config.seed)
-        model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
-        if tokenizer is None:
-            raise UserError(f"model '{config.model}' has no tokenizer; set tokenizer=PATH")
+        model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         if getattr(model.config, "arch", "gpt") != "gpt":
             raise UserError(f"model '{config.model}' is a BERT; preference optimisation needs a causal LM (a GPT)")
         model = merged_if_adapted(model, config)

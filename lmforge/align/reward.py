@@ -125,7 +125,7 @@ def load_reward_config(recipe: str | Path | None = None, overrides: list[str] | 
 def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
     """Train a reward model on config.pairs; writes the head and (export_hf) an HF directory."""
     from ..model.loading import load
-    from ..train.sft import _tokenizer_reference, _with_adapters
+    from ..train.sft import _with_adapters, load_causal_lm
     from .dpo import PreferenceEvaluation, merged_if_adapted, prepare_pair_data, write_preference_report
 
     config.validate()
@@ -133,10 +133,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
         context = session.context
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
         check_precision(config, context)
-        torch.manual_seed(config.seed)
-        model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
-        if tokenizer is None or getattr(model.config, "arch", "gpt") != "gpt":
-            raise UserError(f"model '{config.model}' must be a causal LM (GPT) with a tokenizer; set tokenizer=PATH")
+        model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         model = merged_if_adapted(model, config)
         objective = RewardObjective(model.config.d_model, config.center_rewards_coefficient)
         started = time.perf_counter()

@@ -110,7 +110,6 @@ def load_sft_config(recipe: str | Path | None = None, overrides: list[str] | Non
 
 def sft(config: SFTConfig, resume: bool = False) -> RunResult:
     """Fine-tune config.model on config.data; `resume` continues from the latest checkpoint."""
-    from ..model.loading import load
     from ..model.info import count_parameters, flops_per_token
     from .distill import DistillObjective, plan_distillation
     from .objectives import SFTObjective
@@ -123,13 +122,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
         check_precision(config, context)
         # Inputs are checked before anything is written: the model, its tokenizer, the data.
-        torch.manual_seed(config.seed)       # a preset's random weights: the same in every process and run
-        model, tokenizer = load(config.model, tokenizer=_tokenizer_reference(config.tokenizer))
-        if tokenizer is None:
-            raise UserError(f"model '{config.model}' has no tokenizer; set tokenizer=PATH (a tokenizer directory "
-                            "or a model whose tokenizer to use)")
-        if getattr(model.config, "arch", "gpt") != "gpt":
-            raise UserError(f"model '{config.model}' is a BERT (masked LM); SFT needs a causal LM (a GPT)")
+        model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         if config.seq_len > model.config.max_seq_len:
             raise UserError(f"seq_len={config.seq_len} is longer than the model's context "
                             f"({model.config.max_seq_len}); lower seq_len")
@@ -219,6 +212,22 @@ def save_run_adapter(model: torch.nn.Module, config: SFTConfig, run_dir: Path) -
     except UserError as error:
         print(f"note: no PEFT adapter written ({error})", file=sys.stderr)
         return None
+
+
+def load_causal_lm(model_reference: str, tokenizer_reference: str | None, seed: int) -> tuple[Any, Any]:
+    """(model, tokenizer) for fine-tuning (SFT, DPO, reward models, CAI): a GPT with a tokenizer.
+
+    Seeded first, so a preset's random weights are the same in every process and run."""
+    from ..model.loading import load
+
+    torch.manual_seed(seed)
+    model, tokenizer = load(model_reference, tokenizer=_tokenizer_reference(tokenizer_reference))
+    if tokenizer is None:
+        raise UserError(f"model '{model_reference}' has no tokenizer; set tokenizer=PATH (a tokenizer directory "
+                        "or a model whose tokenizer to use)")
+    if getattr(model.config, "arch", "gpt") != "gpt":
+        raise UserError(f"model '{model_reference}' is a BERT (masked LM); fine-tuning here needs a causal LM (a GPT)")
+    return model, tokenizer
 
 
 def _tokenizer_reference(reference: str | None) -> Any:
