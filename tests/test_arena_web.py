@@ -97,10 +97,13 @@ def test_battle_vote_reveal_in_chromium(browser, arena_page):
         # Anonymous until the vote: no model name anywhere in the page.
         content = page.content()
         assert not any(name in content for name in REPLIES), "a model's name showed before the vote"
-        # Both answers streamed: each grew through several states, always a prefix of the final text.
+        # Both answers streamed: the page showed part of each answer before the whole of it, and every
+        # state was a prefix of the final text. (How many partial states the 10 ms poll catches
+        # depends on the machine's load: at least one is what streaming guarantees.)
         for side, final in ((0, answer_a), (1, answer_b)):
             states = list(dict.fromkeys(s[side] for s in snapshots))
-            assert len(states) >= 3, f"answer {'AB'[side]} did not stream: {states}"
+            partial = [state for state in states if state and state != final]
+            assert partial, f"answer {'AB'[side]} did not stream: {states}"
             assert all(final.startswith(state) for state in states)
 
         page.click("#vote-b")
