@@ -14,7 +14,6 @@ curves.png, the exported model; LoRA exports the merged model).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import sys
 import time
@@ -28,9 +27,8 @@ from ..config import build_config, to_dict
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
 from ..train.config import TrainConfig
-from ..train.loop import RunResult, Trainer, check_precision
+from ..train.loop import RunResult, Trainer
 from ..train.session import RunSession
-from ..train.throughput import resolve_precision
 from .preference import LossType
 
 
@@ -192,8 +190,7 @@ def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
     config.validate()
     with RunSession(config, resume) as session:
         context = session.context
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
-        check_precision(config, context)
+        config = session.with_precision(config)
         model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         if getattr(model.config, "arch", "gpt") != "gpt":
             raise UserError(f"model '{config.model}' is a BERT; preference optimisation needs a causal LM (a GPT)")

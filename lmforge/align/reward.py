@@ -14,7 +14,6 @@ RewardTrainer). Evaluation: held-out pairwise accuracy (the share with r_c > r_r
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -29,11 +28,10 @@ from ..config import build_config, to_dict
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
 from ..train.config import TrainConfig
-from ..train.loop import RunResult, Trainer, check_precision
+from ..train.loop import RunResult, Trainer
 from ..train.losses import bradley_terry_loss
 from ..train.objectives import Mean, Objective, ObjectiveOutput
 from ..train.session import RunSession
-from ..train.throughput import resolve_precision
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -131,8 +129,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
     config.validate()
     with RunSession(config, resume) as session:
         context = session.context
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
-        check_precision(config, context)
+        config = session.with_precision(config)
         model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         model = merged_if_adapted(model, config)
         objective = RewardObjective(model.config.d_model, config.center_rewards_coefficient)

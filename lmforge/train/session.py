@@ -54,6 +54,17 @@ class RunSession:
         if remove:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def with_precision(self, config: Any) -> Any:
+        """config with precision=auto resolved for this device, refused if the device cannot train in it."""
+        import dataclasses
+
+        from .loop import check_precision
+        from .throughput import resolve_precision
+
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.context.device))
+        check_precision(config, self.context)
+        return config
+
     @property
     def is_main(self) -> bool:
         return self.context.is_main

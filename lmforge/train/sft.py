@@ -32,9 +32,8 @@ from ..peft.lora import LoRAConfig
 from ..peft.prompt import PromptConfig
 from .config import TrainConfig
 from .distill import DistillConfig
-from .loop import RunResult, Trainer, check_precision
+from .loop import RunResult, Trainer
 from .session import RunSession
-from .throughput import resolve_precision
 
 
 @dataclass
@@ -119,8 +118,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
     config.validate()
     with RunSession(config, resume) as session:
         context = session.context
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, context.device))
-        check_precision(config, context)
+        config = session.with_precision(config)
         # Inputs are checked before anything is written: the model, its tokenizer, the data.
         model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
         if config.seq_len > model.config.max_seq_len:
