@@ -44,7 +44,7 @@ STAGES: list[tuple[str, list[Command]]] = [
         Command("zero", "lmforge.train.zero_command", "peak memory per rank under DDP and FSDP2 (ZeRO stages 0-3)"),
     ]),
     ("Stage 5 - alignment", [
-        Command("align", "lmforge.align.commands", "preference pairs, reward models, the DPO family (DPO, IPO, SimPO, ORPO, KTO), Constitutional AI"),
+        Command("align", "lmforge.align.commands", "preference pairs, reward models, the DPO family (DPO, IPO, SimPO, ORPO, KTO), GRPO/RLOO, PPO, Constitutional AI"),
     ]),
     ("Stage 6 - evaluation, inference and deployment", [
         Command("eval", "lmforge.eval.commands", "benchmarks: perplexity, multiple choice, GSM8K, HumanEval, lm-eval tasks"),

@@ -1,8 +1,9 @@
-"""`lmforge align METHOD`: preference pairs, reward models, DPO and its family, Constitutional AI.
+"""`lmforge align METHOD`: preference pairs, reward models, DPO and its family, GRPO/RLOO, PPO,
+Constitutional AI.
 
 Each training method is a recipe-driven run like `lmforge sft` (--config, key=value overrides,
---resume, --print-config). PPO and GRPO plug in here the same way: a module with a config loader
-and a train function, one entry in TRAINING below.
+--resume, --print-config): a module with a config loader and a train function, one entry in
+TRAINING below.
 """
 from __future__ import annotations
 
@@ -24,14 +25,23 @@ TRAINING: dict[str, tuple[str, str, str, str, str, str]] = {
             "simpo, orpo, kto) on preference pairs, through the one Trainer; LoRA uses the base with\n"
             "adapters off as the reference.",
             "lmforge align dpo --config dpo-smollm2-countdown loss_type=ipo beta=0.5"),
-    # "ppo":  ("lmforge.align.ppo",  "load_ppo_config",  "ppo",  ...),    # issue 12 section 4
-    # "grpo": ("lmforge.align.grpo", "load_grpo_config", "grpo", ...),    # issue 12 section 5
+    "grpo": ("lmforge.align.grpo", "load_grpo_config", "grpo", "grpo-smollm2-chain-sum",
+             "GRPO (or method=rloo) with verifiable rewards: G completions per prompt sampled by the\n"
+             "engine, group-relative advantages, the clipped surrogate (epsilon_high, loss_type grpo |\n"
+             "bnpo | dr_grpo | dapo), optional k3 KL to a reference; reports held-out accuracy and pass@k.",
+             "lmforge align grpo --config grpo-smollm2-chain-sum num_generations=8 max_steps=30"),
+    "ppo": ("lmforge.align.ppo", "load_ppo_config", "ppo", "ppo-smollm2-chain-sum",
+            "PPO as in InstructGPT: a value head on the policy, rollouts from the engine, per-token KL\n"
+            "penalty to a frozen reference with the reward model's score at the end, GAE, clipped\n"
+            "policy and value losses over several epochs, fixed or adaptive KL coefficient.",
+            "lmforge align ppo --config ppo-smollm2-chain-sum reward_model=runs/rm-chain-sum"),
 }
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Alignment: build preference pairs (verifiable rewards or AI feedback), train reward\n"
-                          "models, DPO-family objectives and Constitutional AI, all through the one Trainer.")
+                          "models, DPO-family objectives, GRPO/RLOO and PPO on sampled completions, and\n"
+                          "Constitutional AI, all through the one Trainer.")
     subparsers = parser.add_subparsers(dest="method", metavar="METHOD")
     pairs = add_subparser(subparsers, "pairs", "Write preference pairs (JSONL, TRL's prompt/chosen/rejected): "
                           "k samples per reasoning-gym prompt split by the task's scorer, or two samples per "

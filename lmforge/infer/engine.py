@@ -275,18 +275,32 @@ class Engine:
         self._sample(sequences, logits, rows)
 
     def _prefill_forward(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(s.prompt_ids) for s in sequences)
-        ids = torch.zeros(len(sequences), longest, dtype=torch.long)
-        mask = torch.zeros(len(sequences), longest, dtype=torch.long)
-        for index, sequence in enumerate(sequences):
-            ids[index, :len(sequence.prompt_ids)] = torch.tensor(sequence.prompt_ids)
-            mask[index, :len(sequence.prompt_ids)] = 1
-        rows = torch.tensor([s.row for s in sequences], device=self.device)
+        """Prefill the admitted prompts; identical prompts (GRPO's G samples of one question, the
+        choices of a request) run once and their cache rows are copied to the others."""
+        first: dict[tuple[int, ...], int] = {}
+        owner = [first.setdefault(tuple(s.prompt_ids), index) for index, s in enumerate(sequences)]
+        unique = sorted(set(owner))
+        longest = max(len(sequences[i].prompt_ids) for i in unique)
+        ids = torch.zeros(len(unique), longest, dtype=torch.long)
+        mask = torch.zeros(len(unique), longest, dtype=torch.long)
+        for index, sequence_index in enumerate(unique):
+            prompt = sequences[sequence_index].prompt_ids
+            ids[index, :len(prompt)] = torch.tensor(prompt)
+            mask[index, :len(prompt)] = 1
+        rows = torch.tensor([sequences[i].row for i in unique], device=self.device)
         self.cache.reset(rows)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in sequences], device=self.device)
+        last = torch.tensor([len(sequences[i].prompt_ids) - 1 for i in unique], device=self.device)
         logits = self._forward(ids.to(self.device), mask.to(self.device), rows, last)
         self.stats.prompt_tokens += int(mask.sum())
-        return logits, rows
+        if len(unique) == len(sequences):
+            return logits, rows
+        position = {sequence_index: index for index, sequence_index in enumerate(unique)}
+        copies = [i for i in range(len(sequences)) if owner[i] != i]
+        self.cache.copy_rows(torch.tensor([sequences[owner[i]].row for i in copies], device=self.device),
+                             torch.tensor([sequences[i].row for i in copies], device=self.device))
+        self.stats.shared_prefill_tokens += sum(len(sequences[i].prompt_ids) for i in copies)
+        picked = torch.tensor([position[owner[i]] for i in range(len(sequences))], device=self.device)
+        return logits[picked], torch.tensor([s.row for s in sequences], device=self.device)
 
     def _decode(self, sequences: list[Sequence]) -> None:
         """Feed each sequence's last sampled token and sample the next one, all rows in one forward."""
@@ -347,6 +361,7 @@ class Engine:
         sequence.completion_tokens += 1
         self.stats.generated_tokens += 1
         if token in sequence.stop_ids:
+            sequence.stop_token_id = token
             self._finish(sequence, "stop")
             return
         sequence.token_ids.append(token)

@@ -40,6 +40,7 @@ class EngineStats:
 
     steps: int = 0
     prompt_tokens: int = 0           # prefilled
+    shared_prefill_tokens: int = 0   # prompt tokens not prefilled because an identical prompt was (copied rows)
     generated_tokens: int = 0        # sampled
     cancelled: int = 0               # sequences dropped because their consumer went away
     failed: int = 0                  # sequences ended by an error inside the engine (finish_reason "error")
@@ -65,6 +66,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     completion_tokens: int = 0
+    stop_token_id: int | None = None     # the end token that finished it (not in token_ids)
     finish_reason: str | None = None
     cancelled: bool = False
     error: BaseException | None = None   # what failed it, when finish_reason is "error"

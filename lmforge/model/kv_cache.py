@@ -35,6 +35,14 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Make rows `target` [n] hold what rows `source` [n] hold (keys, values, lengths): one prompt
+        prefilled once serves several sequences (the engine's prefix sharing)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[target] = keys[source]
+            values[target] = values[source]
+        self.lengths[target] = self.lengths[source]
+
     def plan(self, rows: torch.Tensor | None, length: int, attention_mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Positions for `length` new tokens per row. Returns (positions [B, T], new lengths [B], S)."""

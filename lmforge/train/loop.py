@@ -397,7 +397,10 @@ class Trainer:
     def _train_row(self, stats: "StepStats") -> dict[str, float]:
         """The logged training figures of the last step; throughput over the steps since the last row."""
         tokens_per_s = self._window.rate()
-        row = {"loss": stats.loss, **stats.metrics, "lr": stats.lr, "grad_norm": stats.grad_norm,
+        # A Mean measured by no micro-batch of the step (NaN, e.g. a rollout figure between
+        # generations) is left out of the row rather than logged as NaN.
+        measured = {name: value for name, value in stats.metrics.items() if value == value}
+        row = {"loss": stats.loss, **measured, "lr": stats.lr, "grad_norm": stats.grad_norm,
                "tokens_seen": self.tokens, "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_seconds,
                "memory_gb": memory_gb(self.device)}
         if self.peak_flops:

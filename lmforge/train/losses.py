@@ -272,3 +272,141 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     kl_teacher = (log_t.exp() * (log_t - log_m)).sum(-1)
     kl_student = (log_s.exp() * (log_s - log_m)).sum(-1)
     return beta * kl_teacher + (1 - beta) * kl_student
+
+
+# ---------------------------------------------------------------- policy gradients (GRPO, RLOO, PPO)
+# On-policy RL on sampled completions. Token-level tensors are flat [M]: the completion tokens of a
+# micro-batch in row-major order (what `logits_mask=labels != IGNORE_INDEX` selects), with
+# `rows` [M] naming each token's sequence. Formulas follow TRL 1.16 (GRPOTrainer, RLOOTrainer,
+# PPOTrainer); tests/test_align_rl_losses.py checks them against TRL's expressions term for term.
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     batch_std: torch.Tensor | None = None, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's advantages (r - mean of its group) / (std + eps), and which groups had no spread.
+
+    rewards: [N] with N = groups x group_size, each group contiguous. scale: "group" divides by the
+    group's std, "batch" by the std of all N (`batch_std` overrides it, e.g. over every process),
+    "none" not at all (Dr. GRPO). std is the unbiased one, as torch.std and TRL's nanstd.
+    Returns (advantages [N], zero_std [N] bool: the row's group has identical rewards).
+    """
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1).repeat_interleave(group_size)
+    group_std = grouped.std(dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(rewards)
+    advantages = rewards - mean
+    if scale == "group":
+        advantages = advantages / (group_std + eps)
+    elif scale == "batch":
+        std = batch_std if batch_std is not None else rewards.std()
+        advantages = advantages / (std + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, not {scale!r}")
+    return advantages, torch.isclose(group_std, torch.zeros_like(group_std))
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantages: r_i minus the mean of the other G - 1 rewards of its group. [N] -> [N]."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    log_ratio = ref_logps - logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                      epsilon_low: float = 0.2, epsilon_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a loss: -min(rho A, clip(rho, 1 - e_low, 1 + e_high) A), rho = exp(logp - old).
+
+    All arguments broadcast ([M] per token, or [N] per sequence for RLOO). epsilon_high > epsilon_low
+    is DAPO's clip-higher. Returns (loss, clipped: bool, where the clipped branch was taken and
+    carries no gradient).
+    """
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    unclipped, clipped = ratio * advantages, clipped_ratio * advantages
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def aggregate_token_losses(per_token: torch.Tensor, rows: torch.Tensor, n_rows: int, loss_type: str,
+                           max_completion_length: int) -> tuple[torch.Tensor, float]:
+    """The summed loss of a micro-batch and the units it is a sum over (the Trainer divides the step's
+    summed losses by the step's summed units), for each of GRPO's aggregations:
+
+      grpo     mean over sequences of each sequence's mean token loss   (units: sequences)
+      bnpo     the micro-batch's token mean (TRL normalises per micro-batch; units: 1 per micro-batch)
+      dr_grpo  token sum / (sequences x max_completion_length)          (units: that product)
+      dapo     token sum / tokens of the whole step                     (units: tokens)
+
+    per_token, rows: [M]; n_rows: sequences in the micro-batch.
+    """
+    if loss_type == "grpo":
+        lengths = torch.zeros(n_rows, device=per_token.device).index_add(0, rows, torch.ones_like(per_token))
+        sums = torch.zeros(n_rows, device=per_token.device, dtype=per_token.dtype).index_add(0, rows, per_token)
+        return (sums / lengths.clamp(min=1)).sum(), float(n_rows)
+    if loss_type == "bnpo":
+        return per_token.sum() / max(per_token.numel(), 1), 1.0
+    if loss_type == "dr_grpo":
+        return per_token.sum(), float(n_rows * max_completion_length)
+    if loss_type == "dapo":
+        return per_token.sum(), float(per_token.numel())
+    raise ValueError(f"unknown loss_type {loss_type!r}; one of {GRPO_LOSS_TYPES}")
+
+
+def discounted_returns_matrix(length: int, discount: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """D [T, T] with D[t, s] = discount^(s - t) for s >= t, else 0: x @ D.T sums each x's discounted future."""
+    index = torch.arange(length, device=device, dtype=torch.float64)
+    power = index[None, :] - index[:, None]
+    return torch.where(power >= 0, discount ** power.clamp(min=0), torch.zeros((), dtype=torch.float64,
+                                                                              device=device)).float()
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded rows.
+
+    rewards, values, mask: [B, T] (mask 1 on each row's completion tokens, contiguous; rewards and
+    values there, anything elsewhere). The value after a row's last token is 0 (the episode ended).
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_k (gamma lam)^k delta_{t+k}
+    computed for all positions at once with a [T, T] discount matrix (no loop over time).
+    Returns (advantages [B, T], returns = advantages + values [B, T]), 0 outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    next_values = torch.zeros_like(values)
+    next_values[:, :-1] = values[:, 1:]
+    deltas = (rewards + gamma * next_values - values) * mask
+    advantages = deltas @ discounted_returns_matrix(values.shape[1], gamma * lam, values.device).T
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries (TRL's masked_whiten: unbiased variance);
+    shift_mean=False adds the mean back (used for rewards). 0 outside the mask."""
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) ** 2) * mask).sum() / count
+    variance = variance * count / (count - 1) if count > 1 else variance
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's value loss per token: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2), and where the
+    clipped branch was larger (TRL's vf_clipfrac). [M] -> ([M], [M] bool)."""
+    clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
