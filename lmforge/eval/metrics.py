@@ -5,6 +5,9 @@
   first, so a long answer is not penalised for having more tokens to pay for.
 - exact match with answer extraction: GSM8K's "#### N" line (strict) or the last number in the
   text (flexible); numbers are compared after dropping commas, "$" and a trailing ".".
+- math_verify (symbolic answers): HF's math-verify (`pip install math-verify==0.9.0`) parses the
+  extracted answer and the reference into SymPy and compares them as mathematics, so "1/2",
+  "0.5" and "\\frac{1}{2}" agree and "(x+1)^2" equals "x^2+2x+1"; numbers agree to 6 decimals.
 - pass@k (Chen et al. 2021, the HumanEval paper): the unbiased estimator
   1 - C(n-c, k) / C(n, k) from n samples of which c pass.
 - bits per byte: total nats / ln 2 / UTF-8 bytes (lmforge.eval.loss.bits_per_byte).
@@ -14,10 +17,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+import signal
+import threading
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from .loss import bits_per_byte  # noqa: F401  (re-exported: the one definition)
 
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")          # lm-eval's gsm8k "strict-match"
@@ -66,6 +72,60 @@ def exact_match(prediction: str | None, reference: str, numeric: bool = True) ->
     if numeric:
         return float(normalize_number(prediction) == normalize_number(reference))
     return float(prediction.strip() == reference.strip())
+
+
+MATH_VERIFY = "math-verify==0.9.0"
+_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+
+
+def require_math_verify() -> Any:
+    """The math_verify module, or a UserError naming the pip command when it is not installed."""
+    try:
+        import math_verify
+    except ImportError as error:
+        raise UserError(f"the metric 'math_verify' needs the math-verify package ({error}); install it with "
+                        f"`pip install {MATH_VERIFY}` (it brings latex2sympy2_extended and antlr4-python3-runtime)"
+                        ) from None
+    return math_verify
+
+
+def _alarm_timeout(seconds: int) -> int | None:
+    """math-verify bounds each parse and comparison with signal.alarm, which works only on the main
+    thread and would cancel, not nest inside, an alarm someone else armed (pytest-timeout, a
+    watchdog). There we pass None: math-verify then runs without its time limit."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "getitimer"):
+        return None
+    return seconds if signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) else None
+
+
+def _as_latex(text: str) -> str:
+    """A bare answer ('x^2+2x+1') wrapped in $...$, since math-verify reads variables only inside
+    LaTeX delimiters; text that already has delimiters is returned as is."""
+    return text if any(d in text for d in _LATEX_DELIMITERS) else f"${text}$"
+
+
+def math_verify_match(prediction: str | None, reference: str, timeout_s: int = 5) -> float:
+    """1.0 when math-verify finds the prediction's answer mathematically equal to the reference.
+
+    The reference is a bare answer (read as LaTeX). The prediction is read the way math-verify reads
+    a model's output (\\boxed{}, $...$, "the final answer is", else the last number or expression);
+    when that reading does not match and the text has no LaTeX delimiters, it is read once more as a
+    bare answer, which is what a one-line answer such as "2x+2" is (math-verify's plain reading of
+    it is just "2"). Nothing parseable is 0.0, never an error.
+    """
+    if prediction is None or not prediction.strip() or not reference.strip():
+        return 0.0
+    mv = require_math_verify()
+    timeout = _alarm_timeout(timeout_s)
+    gold = mv.parse(_as_latex(reference), parsing_timeout=timeout)
+    if not gold:
+        return 0.0
+    bare = _as_latex(prediction)
+    for text in dict.fromkeys((prediction, bare)):          # the bare reading only when it differs
+        answer = mv.parse(text, parsing_timeout=timeout)
+        if answer and mv.verify(gold, answer, timeout_seconds=timeout):
+            return 1.0
+    return 0.0
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -15,9 +15,14 @@ A user task is a YAML file:
     prompt: "Q: What is the capital of {country}?\\nA:"
     choices: options                # a field holding a list, or a list of strings
     answer: label                   # a field: the index of the right choice, or its text
-    metric: acc                     # multiple_choice: acc | acc_norm; generate: exact_match; perplexity: bits_per_byte
+    metric: acc                     # multiple_choice: acc | acc_norm; generate: exact_match | math_verify;
+                                    # perplexity: bits_per_byte
     # generate only: target: "{city}", until: ["\\n"], max_tokens: 32, extract: none | last_number | gsm8k
     # optional: num_fewshot: 0, description: "", chat: false
+
+`metric: math_verify` compares the extracted answer with the target symbolically (HF's math-verify,
+`pip install math-verify==0.9.0`): "1/2", "0.5" and "\\frac{1}{2}" agree, so do "(x+1)^2" and
+"x^2+2x+1". The target is a bare answer; the model's may sit in \\boxed{} or $...$ within its text.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .metrics import EXTRACTORS
 from .tasks import Task
 
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
@@ -156,7 +162,8 @@ def reasoning_gym(name: str) -> Task:
 
 REQUIRED = {"multiple_choice": ("data", "prompt", "choices", "answer"), "generate": ("data", "prompt", "target"),
             "perplexity": ("data", "prompt")}
-METRICS = {"multiple_choice": ("acc", "acc_norm"), "generate": ("exact_match",), "perplexity": ("bits_per_byte",)}
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "generate": ("exact_match", "math_verify"),
+           "perplexity": ("bits_per_byte",)}
 
 
 def fill(template: str, doc: dict[str, Any], where: str) -> str:
@@ -190,6 +197,9 @@ def user_task(path: Path) -> Task:
     metric = spec.get("metric", METRICS[kind][0])
     if metric not in METRICS[kind]:
         raise UserError(f"{path}: metric '{metric}' does not apply to a {kind} task; use one of {', '.join(METRICS[kind])}")
+    extract = str(spec.get("extract", "none"))
+    if extract not in EXTRACTORS:
+        raise UserError(f"{path}: extract '{extract}' is not one of {', '.join(EXTRACTORS)}; fix 'extract'")
     data = (path.parent / str(spec["data"])).resolve()
     if not data.is_file():
         raise UserError(f"{path}: the data file '{data}' does not exist; fix 'data' (relative to the YAML file)")
@@ -208,7 +218,7 @@ def user_task(path: Path) -> Task:
     docs = [_user_doc(kind, spec, record, f"{data}:{number}") for number, record in records]
     return Task(str(spec.get("name", path.stem)), kind, docs, num_fewshot=int(spec.get("num_fewshot", 0)),
                 description=str(spec.get("description", "")), metric=metric, until=list(spec.get("until", ["\n"])),
-                max_tokens=int(spec.get("max_tokens", 64)), extract=str(spec.get("extract", "none")),
+                max_tokens=int(spec.get("max_tokens", 64)), extract=extract,
                 chat=bool(spec.get("chat", False)))
 
 

@@ -6,7 +6,8 @@
 
 Kinds and the requests they make (lmforge.eval.requests):
     multiple_choice  loglikelihood(prompt, " " + choice) for every choice -> acc, acc_norm
-    generate         generate_until(prompt) -> extracted answer vs reference -> exact_match (or score)
+    generate         generate_until(prompt) -> extracted answer vs reference -> exact_match (or score);
+                     metric "math_verify" compares them symbolically with math-verify (metrics.py)
     code             generate_until(prompt) -> executed against the tests (code_exec) -> pass@1 / pass@k
     perplexity       loglikelihood_rolling(text) -> bits_per_byte
 
@@ -41,7 +42,7 @@ class Task:
     until: list[str] = field(default_factory=lambda: ["\n\n"])
     max_tokens: int = 256
     extract: str = "none"               # gsm8k | last_number | none | reasoning_gym
-    metric: str = "acc"                 # the primary metric
+    metric: str = "acc"                 # the primary metric (generate: exact_match | math_verify | score)
     chat: bool = False                  # generation prompts go through the chat template
 
     def target(self, doc: dict[str, Any]) -> str:
@@ -68,6 +69,8 @@ def run_task(task: Task, lm: Any, limit: int | None = None, num_fewshot: int | N
     if task.kind == "code" and not allow_code_execution:
         raise UserError(f"the task '{task.name}' runs model-written code; pass --allow-code-execution to allow it "
                         "(it runs sandboxed: time and memory limits, no network)")
+    if task.metric == "math_verify":
+        M.require_math_verify()                  # before generating, not after
     docs = task.docs[:limit] if limit else task.docs
     if not docs:
         raise UserError(f"the task '{task.name}' has no documents to evaluate (limit={limit})")
@@ -130,7 +133,7 @@ def _generative(task: Task, lm: Any, docs: list[dict], prompts: list[str], sampl
                         temperature=0.0 if samples == 1 else temperature, seed=None if samples == 1 else seed,
                         chat=chat)
     correct = np.zeros((len(docs), samples))
-    flexible = np.zeros((len(docs), samples))
+    flexible = np.zeros((len(docs), samples))    # gsm8k: last number; math_verify: the plain exact match
     for i, doc in enumerate(docs):
         for j in range(samples):
             text = texts[i * samples + j]
@@ -143,9 +146,14 @@ def _generative(task: Task, lm: Any, docs: list[dict], prompts: list[str], sampl
 
                 correct[i, j] = score_answer(doc["meta"], text)
             else:
-                correct[i, j] = M.exact_match(M.EXTRACTORS[task.extract](text), doc["reference"],
-                                              numeric=task.extract != "none")
-                flexible[i, j] = M.exact_match(M.extract_last_number(text), doc["reference"])
+                answer = M.EXTRACTORS[task.extract](text)
+                exact = M.exact_match(answer, doc["reference"], numeric=task.extract != "none")
+                if task.metric == "math_verify":
+                    correct[i, j], flexible[i, j] = M.math_verify_match(answer, doc["reference"]), exact
+                else:
+                    correct[i, j] = exact
+                    flexible[i, j] = M.exact_match(M.extract_last_number(text), doc["reference"])
+    match_name = "math_verify" if task.metric == "math_verify" else "exact_match"
     if task.kind == "code" or samples > 1:
         table = {}
         passed = (correct >= 1.0).sum(axis=1)
@@ -153,10 +161,12 @@ def _generative(task: Task, lm: Any, docs: list[dict], prompts: list[str], sampl
             values = np.array([M.pass_at_k(samples, int(c), k) for c in passed])
             table[f"pass@{k}"] = _summary(values)
         if task.kind != "code":
-            table["exact_match"] = _summary(correct.mean(axis=1))
+            table[match_name] = _summary(correct.mean(axis=1))
         return {"pass@1": correct}, table
-    name = "score" if task.extract == "reasoning_gym" else "exact_match"
+    name = "score" if task.extract == "reasoning_gym" else match_name
     table = {name: _summary(correct[:, 0])}
-    if task.extract == "gsm8k":
+    if task.metric == "math_verify":
+        table["exact_match"] = _summary(flexible[:, 0])
+    elif task.extract == "gsm8k":
         table["exact_match_flexible"] = _summary(flexible[:, 0])
     return {name: correct}, table
