@@ -15,44 +15,46 @@ The three methods learn something placed *before* the input; the base model is f
   (init="vocab") or from N(0, 1) (init="random", PEFT's default).
 - P-tuning (Liu et al. 2021): the same prepended vectors, produced by a prompt encoder from an
   embedding E [n, d]: an MLP (d -> h -> h -> d, ReLU) or a bidirectional LSTM followed by an MLP.
-- Prefix tuning (Li & Liang 2021): every layer gets n learned key and value vectors in front of
-  the keys and values of the input, [L, 2, Hkv, n, D]; optionally reparametrised through an MLP
-  (E [n, Hkv*D] -> tanh -> L*2*Hkv*D), which Li & Liang found stabler to train.
+- Prefix tuning (Li & Liang 2021, prefix.py): every layer gets n learned key and value vectors in
+  front of the keys and values of the input, [L, 2, Hkv, n, D]; optionally reparametrised through
+  an MLP (E [n, Hkv*D] -> tanh -> L*2*Hkv*D), which Li & Liang found stabler to train.
 
 One mechanism at inference: a KV-cache prefix. Because attention is causal, the keys and values
 of n prepended virtual tokens do not depend on what follows them, so prompt tuning and P-tuning
 equal "run the n virtual embeddings once and keep their keys/values"; prefix tuning *is* a set of
-keys/values. `PrefixKVCache` writes that prefix into positions 0..n-1 of a cache row whenever the
-row is reset, so the inference engine (continuous batching, the compiled decode step) serves an
-adapted model unchanged, and the prompt's tokens sit at positions n, n+1, ... exactly as in
-training and in PEFT (tests/test_peft_prompt.py checks cached generation against recomputing
+keys/values. `PrefixKVCache` (prefix.py) writes that prefix into positions 0..n-1 of a cache row
+whenever the row is reset, so the inference engine (continuous batching, the compiled decode step)
+serves an adapted model unchanged, and the prompt's tokens sit at positions n, n+1, ... exactly as
+in training and in PEFT (tests/test_peft_prompt.py checks cached generation against recomputing
 the whole sequence without a cache, and logits against peft on our HF export).
 
-PEFT's file format stores the *result* of the reparametrisation, as PEFT's own save_pretrained
-does: adapter_model.safetensors holds one tensor `prompt_embeddings`, [n, d] for prompt tuning
-and P-tuning and [n, L*2*Hkv*D] for prefix tuning (per virtual token: layer, key|value, head,
-dim, the order peft's get_prompt views it in). A loaded adapter is therefore a fixed prompt
-(PEFT's inference mode); training continues from an sft checkpoint, which keeps the encoder.
+Where things are: this module holds the config, the prompt-tuning and P-tuning encoders and the
+model (`PromptTunedLM`, `apply_prompt_tuning`); prefix.py prefix tuning and the KV-cache prefix;
+prompt_format.py PEFT's files (`save_prompt_adapter`, `load_prompt_adapter`, `is_prompt_adapter`).
+Every name stays importable from here.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import atomic_path, read_json, write_json_atomic
+from ..lazy import lazy_getattr
 from ..model.gpt import CausalLMOutput
 from ..model.kv_cache import KVCache
+from .prefix import PrefixEncoder, PrefixKVCache, cache_with_prefix, prefix_pairs, rope_layout
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
-METHODS = {value: key for key, value in PEFT_TYPES.items()}
+# PEFT's file format (prompt_format.py) imports this module, so its names are re-exported lazily.
+_FORMAT_NAMES = ("CONFIG_FILE", "WEIGHTS_FILE", "PEFT_TYPES", "METHODS", "prompt_adapter_config",
+                 "save_prompt_adapter", "is_prompt_adapter", "load_prompt_adapter")
+__getattr__ = lazy_getattr(__name__, {name: "lmforge.peft.prompt_format" for name in _FORMAT_NAMES})
+__all__ = ["PromptConfig", "PromptEmbedding", "PromptEncoder", "PrefixEncoder", "FixedPrompt", "PrefixKVCache",
+           "PromptTunedLM", "apply_prompt_tuning", "describe_prompt", "base_state_dict", "settings_dict",
+           "check_base", "token_dim", *_FORMAT_NAMES]
 
 
 @dataclass
@@ -123,22 +125,6 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x)[0]
 
 
-class PrefixEncoder(nn.Module):
-    """Prefix tuning: () -> [n, L * 2 * Hkv * D], directly or through E [n, Hkv*D] -> MLP (tanh)."""
-
-    def __init__(self, n: int, kv_dim: int, n_layers: int, projection: bool, hidden: int) -> None:
-        super().__init__()
-        self.projection = projection
-        out = n_layers * 2 * kv_dim
-        self.embedding = nn.Embedding(n, kv_dim if projection else out)
-        if projection:
-            self.transform = nn.Sequential(nn.Linear(kv_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
-
-    def forward(self) -> torch.Tensor:
-        weight = self.embedding.weight
-        return self.transform(weight) if self.projection else weight
-
-
 class FixedPrompt(nn.Module):
     """A loaded adapter: the saved output of any of the above (PEFT's inference mode). () -> [n, k]."""
 
@@ -150,30 +136,6 @@ class FixedPrompt(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.embedding.weight
-
-
-# ----------------------------------------------------------------------------- the KV-cache prefix
-
-
-class PrefixKVCache(KVCache):
-    """A KV cache whose rows start with a prefix: `reset(rows)` writes it at positions 0..n-1.
-
-    prefix: called at each reset, returns one (keys, values) pair [Hkv, n, D] per layer."""
-
-    def __init__(self, prefix: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.prefix = prefix
-        self.reset()
-
-    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        pairs = self.prefix()
-        n = pairs[0][0].shape[1]
-        index = (slice(None) if rows is None
-                 else torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device))
-        for layer, (k, v) in enumerate(pairs):
-            self.keys[layer][index, :, :n] = k.to(self.keys[layer].dtype)
-            self.values[layer][index, :, :n] = v.to(self.values[layer].dtype)
-        self.lengths[index] = n
 
 
 # ----------------------------------------------------------------------------- the adapted model
@@ -229,12 +191,7 @@ class PromptTunedLM(nn.Module):
         if self.prompt_config.method == "prefix":
             # The learned keys/values go where a cache holds past tokens: the input then sits at
             # positions n.. and attends to them (what peft's past_key_values does).
-            cache = KVCache(self.config.n_layers, batch, n + length, self.config.n_kv_heads, self.config.head_dim,
-                            embeds.dtype, embeds.device)
-            for layer, (k, v) in enumerate(self.prefix_kv()):
-                cache.keys[layer][:, :, :n] = k
-                cache.values[layer][:, :, :n] = v
-            cache.lengths.fill_(n)
+            cache = cache_with_prefix(self.prefix_kv(), self.config, batch, length, embeds.dtype, embeds.device)
             return self.base(None, attention_mask, cache, inputs_embeds=embeds, logits_mask=logits_mask,
                              return_output=return_output, **extra)
         prompt = self.prompt_encoder().to(embeds.dtype)[None].expand(batch, -1, -1)    # [B, n, d]
@@ -271,10 +228,7 @@ class PromptTunedLM(nn.Module):
         """Per layer (keys, values) [Hkv, n, D] of the prompt or prefix (with autograd)."""
         config, n = self.config, self.num_virtual_tokens
         if self.prompt_config.method == "prefix":
-            # [n, L*2*Hkv*D] -> [n, 2L, Hkv, D] -> [2L, Hkv, n, D]: layer l's keys at 2l, values at 2l+1
-            kv = self.prompt_encoder().view(n, 2 * config.n_layers, config.n_kv_heads, config.head_dim)
-            kv = kv.permute(1, 2, 0, 3)
-            return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(config.n_layers)]
+            return prefix_pairs(self.prompt_encoder(), config)
         # Prompt/P-tuning: run the virtual tokens once; their keys/values do not depend on the input.
         prompt = self.prompt_encoder()[None]
         parameter = next(self.base.parameters())
@@ -300,30 +254,21 @@ class PromptTunedLM(nn.Module):
         with torch.no_grad():
             values = self.prompt_encoder().detach().float()
         if self.prompt_config.method == "prefix" and self.config.rope_interleaved:
-            values = _rope_layout(values, self.config, to_hf=True)
+            values = rope_layout(values, self.config, to_hf=True)
         return values.cpu().contiguous().clone()
 
 
-def _rope_layout(values: torch.Tensor, config: Any, to_hf: bool) -> torch.Tensor:
-    """Prefix keys between our interleaved RoPE pairs (2i, 2i+1) and HF's halves (i, i + D/2)."""
-    n, L, H, D = values.shape[0], config.n_layers, config.n_kv_heads, config.head_dim
-    kv = values.view(n, L, 2, H, D).clone()
-    keys = kv[:, :, 0]
-    order = (keys.reshape(n, L, H, D // 2, 2).transpose(-1, -2) if to_hf
-             else keys.reshape(n, L, H, 2, D // 2).transpose(-1, -2))
-    kv[:, :, 0] = order.reshape(n, L, H, D)
-    return kv.reshape(values.shape)
+# ----------------------------------------------------------------------------- building
 
 
-# ----------------------------------------------------------------------------- building and saving
-
-
-def _token_dim(model: nn.Module, method: str) -> int:
+def token_dim(model: nn.Module, method: str) -> int:
+    """The width of one virtual token: d_model, or Hkv * head_dim for a prefix (per layer, key or value)."""
     config = model.config
     return config.n_kv_heads * config.head_dim if method == "prefix" else config.d_model
 
 
-def _check_base(model: nn.Module) -> None:
+def check_base(model: nn.Module) -> None:
+    """A UserError unless `model` is a plain GPT that prompt learning can wrap."""
     if getattr(model.config, "arch", "gpt") != "gpt" or not hasattr(model, "transformer"):
         raise UserError("prompt and prefix tuning need a causal LM (a GPT); this model is not one")
     if isinstance(model, PromptTunedLM):
@@ -335,12 +280,12 @@ def _check_base(model: nn.Module) -> None:
 def apply_prompt_tuning(model: nn.Module, config: PromptConfig, tokenizer: Any = None) -> PromptTunedLM:
     """Freeze `model` and return it wrapped with a new prompt (method and size from `config`)."""
     config = config.validate()
-    _check_base(model)
+    check_base(model)
     n, d, method = config.num_virtual_tokens, model.config.d_model, config.method
     generator = torch.Generator().manual_seed(config.seed)
     parameter = next(model.parameters())
     if method == "prefix":
-        kv_dim = _token_dim(model, "prefix")
+        kv_dim = token_dim(model, "prefix")
         encoder: nn.Module = PrefixEncoder(n, kv_dim, model.config.n_layers, config.prefix_projection,
                                            config.encoder_hidden_size or kv_dim)
     elif method == "ptuning":
@@ -371,107 +316,6 @@ def describe_prompt(model: PromptTunedLM) -> str:
     total = trainable + sum(p.numel() for p in model.base.parameters())
     return (f"{model.prompt_config.method} with {model.num_virtual_tokens} virtual tokens: {trainable:,} trainable "
             f"of {total:,} parameters ({trainable / total:.3%})")
-
-
-def prompt_adapter_config(model: PromptTunedLM, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """PEFT's adapter_config.json for the model's prompt (inference mode: the stored output)."""
-    config, settings = model.config, model.prompt_config
-    method = settings.method
-    token_dim = _token_dim(model.base, method)
-    out: dict[str, Any] = {
-        "peft_type": PEFT_TYPES[method], "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
-        "revision": None, "inference_mode": True, "auto_mapping": None, "modules_to_save": None,
-        "num_virtual_tokens": settings.num_virtual_tokens, "token_dim": token_dim,
-        "num_transformer_submodules": 1, "num_layers": config.n_layers,
-        "num_attention_heads": config.n_kv_heads if method == "prefix" else config.n_heads,
-    }
-    if method == "prompt":
-        out.update(prompt_tuning_init="TEXT" if settings.init == "text" else
-                   "SAMPLE_VOCAB" if settings.init == "vocab" else "RANDOM",
-                   prompt_tuning_init_text=settings.init_text, tokenizer_name_or_path=None, tokenizer_kwargs=None)
-    elif method == "ptuning":
-        out.update(encoder_reparameterization_type=settings.encoder.upper(),
-                   encoder_hidden_size=settings.encoder_hidden_size or token_dim,
-                   encoder_num_layers=settings.encoder_num_layers, encoder_dropout=settings.encoder_dropout)
-    else:
-        out.update(prefix_projection=settings.prefix_projection, init_weights=None,
-                   encoder_hidden_size=settings.encoder_hidden_size or token_dim)
-    return out
-
-
-def save_prompt_adapter(model: nn.Module, directory: str | os.PathLike,
-                        base_model_name_or_path: str | None = None) -> Path:
-    """Write the prompt as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.torch import save_file
-
-    if not isinstance(model, PromptTunedLM):
-        raise UserError("the model has no prompt adapter to save; apply_prompt_tuning first")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"'{directory}' exists and is not a directory; choose another adapter directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_FILE) as temporary:
-        save_file({"prompt_embeddings": model.prompt_values()}, str(temporary), metadata={"format": "pt"})
-    write_json_atomic(directory / CONFIG_FILE, prompt_adapter_config(model, base_model_name_or_path))
-    return directory
-
-
-def is_prompt_adapter(directory: str | os.PathLike) -> bool:
-    """Whether `directory` holds a PEFT prompt-learning adapter (a LoRA one, or nothing, is False)."""
-    file = Path(directory) / CONFIG_FILE
-    if not file.is_file():
-        return False
-    try:
-        data = read_json(file, "adapter config")
-    except UserError:
-        return False
-    return isinstance(data, dict) and data.get("peft_type") in METHODS
-
-
-def load_prompt_adapter(model: nn.Module, directory: str | os.PathLike) -> PromptTunedLM:
-    """`model` (frozen) with the PEFT PROMPT_TUNING / P_TUNING / PREFIX_TUNING adapter in `directory`."""
-    from ..model.hf.weights import read_safetensors
-
-    directory = Path(directory)
-    file = directory / CONFIG_FILE
-    if not directory.is_dir() or not file.is_file():
-        raise UserError(f"'{directory}' is not a PEFT adapter directory (no {CONFIG_FILE}); give the directory "
-                        "that save_prompt_adapter or peft's save_pretrained wrote")
-    data = read_json(file, "adapter config")
-    if not isinstance(data, dict) or data.get("peft_type") not in METHODS:
-        raise UserError(f"'{file}' is not a prompt-learning adapter (peft_type {data.get('peft_type')!r} "
-                        f"if isinstance(data, dict) else None); expected one of {', '.join(METHODS)}")
-    _check_base(model)
-    method = METHODS[data["peft_type"]]
-    if data.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UserError(f"'{file}' is for task_type {data['task_type']}; lmforge loads CAUSAL_LM adapters")
-    n = data.get("num_virtual_tokens")
-    if type(n) is not int or n < 1:
-        raise UserError(f"'{file}' gives num_virtual_tokens={n!r}, which is not a positive integer; re-save it")
-    if (data.get("num_transformer_submodules") or 1) != 1:
-        raise UserError(f"'{file}' is for an encoder-decoder model (num_transformer_submodules=2); "
-                        "lmforge's models are decoder-only")
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"'{directory}' has no {WEIGHTS_FILE}; the adapter directory is incomplete, re-save it")
-    tensors = read_safetensors(weights)
-    if "prompt_embeddings" not in tensors:
-        raise UserError(f"'{weights}' has no 'prompt_embeddings' tensor (it has {sorted(tensors)[:3]}); "
-                        "it is not a PEFT prompt-learning adapter")
-    values = tensors["prompt_embeddings"].float()
-    config = model.config
-    width = config.n_layers * 2 * _token_dim(model, "prefix") if method == "prefix" else config.d_model
-    if tuple(values.shape) != (n, width):
-        what = (f"{config.n_layers} layers x 2 x {config.n_kv_heads} kv heads x {config.head_dim}"
-                if method == "prefix" else f"d_model {config.d_model}")
-        raise UserError(f"'{weights}' holds prompt_embeddings of shape {list(values.shape)} but this base model "
-                        f"needs [{n}, {width}] ({what}); the adapter was trained on another base model")
-    if method == "prefix" and config.rope_interleaved:
-        values = _rope_layout(values, config, to_hf=False)
-    settings = PromptConfig(method=method, num_virtual_tokens=n)
-    parameter = next(model.parameters())
-    return PromptTunedLM(model, settings, FixedPrompt(values).to(device=parameter.device, dtype=parameter.dtype))
 
 
 def base_state_dict(model: PromptTunedLM) -> dict[str, torch.Tensor]:
