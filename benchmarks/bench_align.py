@@ -16,11 +16,11 @@ fp32, the same torch threads, each side in its own subprocess.
 tokens/s counts the real (non-padding) tokens of chosen + rejected rows on both sides, over the
 steps after the first two. Target: lmforge >= 1.3x TRL.
 
-GRPO (issue 12 section 5) goes in `bench_grpo` below: time per step (generation + update) vs
-TRL's GRPOTrainer at the same G, prompt and completion lengths, and the share spent generating.
+GRPO (benchmarks/bench_grpo.py, run here with its defaults): time per step (generation + update)
+vs TRL's GRPOTrainer at the same G, prompts and completion lengths, and the share spent generating.
 Ends with one JSON line.
 
-    python benchmarks/bench_align.py [--steps 8] [--batch-size 4] [--pairs 64]
+    python benchmarks/bench_align.py [--steps 8] [--batch-size 4] [--pairs 64] [--skip-grpo]
 """
 from __future__ import annotations
 
@@ -155,8 +155,14 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
 
 
 def bench_grpo(args: argparse.Namespace, work: Path) -> dict | None:
-    """GRPO vs TRL's GRPOTrainer: to be added with lmforge/align/grpo.py (issue 12 section 5)."""
-    return None
+    """GRPO vs TRL's GRPOTrainer (bench_grpo.py, its default sizes), in the same run."""
+    if args.skip_grpo:
+        return None
+    import bench_grpo
+
+    parser = argparse.ArgumentParser()
+    bench_grpo.add_arguments(parser)
+    return bench_grpo.bench(parser.parse_args(["--threads", str(args.threads)]), work)
 
 
 def child(role: str, args: argparse.Namespace, work: Path) -> dict:
@@ -183,6 +189,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--keep", metavar="DIR")
+    parser.add_argument("--skip-grpo", action="store_true", help="DPO only (GRPO: benchmarks/bench_grpo.py)")
     parser.add_argument("--role", choices=["lmforge", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()

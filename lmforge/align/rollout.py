@@ -120,8 +120,10 @@ class RolloutSampler:
     cache allocated once; the policy's weights change in place, so it samples from the current ones)."""
 
     def __init__(self, tokenizer: Any, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, max_rows: int = 64, max_prompt_tokens: int = 256, compile: bool = False) -> None:
+                 top_k: int = 0, max_rows: int = 64, max_prompt_tokens: int = 256, compile: bool = False,
+                 ignore_eos: bool = False) -> None:
         self.tokenizer, self.max_new_tokens, self.temperature = tokenizer, max_new_tokens, temperature
+        self.ignore_eos = ignore_eos          # benchmarks: every completion max_new_tokens long
         self.top_p, self.top_k, self.max_rows, self.max_prompt_tokens = top_p, top_k, max_rows, max_prompt_tokens
         self.compile = compile
         self._engine: Any = None
@@ -153,7 +155,7 @@ class RolloutSampler:
         group = engine.new_group()
         sequences = [engine.submit(prompt, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=temperature,
                                                           top_p=self.top_p, top_k=self.top_k,
-                                                          seed=seed * 1_000_003 + i * group_size + j), group=group)
+                                                          ignore_eos=self.ignore_eos, seed=seed * 1_000_003 + i * group_size + j), group=group)
                      for i, prompt in enumerate(ids) for j in range(group_size)]
         while not all(s.finished for s in sequences):
             engine.step()
@@ -178,13 +180,13 @@ class OnPolicyObjective(Objective):
                  steps_per_generation: int = 1, grad_accum: int = 1, num_iterations: int = 1,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0, rollout_batch_size: int = 64, compile_rollouts: bool = False,
-                 max_prompt_tokens: int = 256) -> None:
+                 max_prompt_tokens: int = 256, ignore_eos: bool = False) -> None:
         self.tokenizer, self.rewards, self.group_size, self.batch_size = tokenizer, rewards, group_size, batch_size
         self.chunks = steps_per_generation * grad_accum                 # micro-batches per pass over a generation
         self.num_iterations, self.max_new_tokens, self.seed = num_iterations, max_new_tokens, seed
         self.sampler = RolloutSampler(tokenizer, max_new_tokens, temperature, top_p, top_k,
                                       min(rollout_batch_size, batch_size * self.chunks), max_prompt_tokens,
-                                      compile_rollouts)
+                                      compile_rollouts, ignore_eos)
         self.buffer: dict[str, torch.Tensor] | None = None
         self.buffer_generation = -1
         self.generation_metrics: dict[str, float] = {}

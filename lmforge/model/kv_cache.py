@@ -19,6 +19,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens stored per row
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self._row_slice: slice | None = None     # the current forward's rows, when they are a contiguous range
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int | None = None,
@@ -46,6 +47,13 @@ class KVCache:
     def plan(self, rows: torch.Tensor | None, length: int, attention_mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Positions for `length` new tokens per row. Returns (positions [B, T], new lengths [B], S)."""
+        # Rows r0, r0+1, ... (a full engine batch, the usual decode step) are read as a slice: a view of
+        # the cache instead of a gathered copy of every row's keys and values in every layer.
+        self._row_slice = None
+        if rows is not None:
+            row_list = rows.tolist()
+            if row_list == list(range(row_list[0], row_list[0] + len(row_list))):
+                self._row_slice = slice(row_list[0], row_list[0] + len(row_list))
         start = self.lengths if rows is None else self.lengths[rows]
         if rows is None and attention_mask is not None:
             start = start[: attention_mask.shape[0]]
@@ -75,8 +83,14 @@ class KVCache:
             keys[:batch, :, start:start + length] = k
             values[:batch, :, start:start + length] = v
             return keys[:batch, :, :key_length], values[:batch, :, :key_length]
-        row_index = torch.arange(batch, device=keys.device) if rows is None else rows
+        if rows is None or self._row_slice is not None:
+            rows_view = slice(0, batch) if rows is None else self._row_slice
+            keys, values = keys[rows_view], values[rows_view]                 # views of those rows
+            row_index = torch.arange(batch, device=keys.device)
+            keys[row_index[:, None], :, positions] = k.transpose(1, 2)
+            values[row_index[:, None], :, positions] = v.transpose(1, 2)
+            return keys[:, :, :key_length], values[:, :, :key_length]
         # Advanced indices on dims 0 and 2 (separated by a slice) put the indexed dims first: [B, T, Hkv, D].
-        keys[row_index[:, None], :, positions] = k.transpose(1, 2)
-        values[row_index[:, None], :, positions] = v.transpose(1, 2)
-        return keys[row_index, :, :key_length], values[row_index, :, :key_length]
+        keys[rows[:, None], :, positions] = k.transpose(1, 2)
+        values[rows[:, None], :, positions] = v.transpose(1, 2)
+        return keys[rows, :, :key_length], values[rows, :, :key_length]
