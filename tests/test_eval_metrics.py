@@ -101,10 +101,10 @@ def test_scorer_equals_a_plain_forward_with_shared_prefixes(tiny_gpt):
     generator = torch.Generator().manual_seed(1)
     draw = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))   # noqa: E731
     pairs = []
-    for _ in range(9):   # questions with 1..4 choices of 1..5 tokens: singles, shared, one-token groups
+    for _ in range(9):   # questions with 1..4 choices of 1..12 tokens: singles, shared, one-token groups
         context = torch.randint(0, 300, (draw(1, 30),), generator=generator).tolist()
         for _ in range(draw(1, 5)):
-            pairs.append((context, torch.randint(0, 300, (draw(1, 6),), generator=generator).tolist()))
+            pairs.append((context, torch.randint(0, 300, (draw(1, 13),), generator=generator).tolist()))
     pairs += [([7, 8], [1]), ([7, 8], [2]), ([9] * 90, [1, 2])]   # one-token choices; a context to truncate
     scorer = Scorer(tiny_gpt, batch_tokens=150)                      # several batches
     got = scorer.loglikelihood(pairs)

@@ -152,14 +152,17 @@ class Scorer:
 
     def _score_shared(self, batch: list[tuple[list[int], list[tuple[int, list[int]]]]]
                       ) -> list[tuple[int, tuple[float, bool]]]:
-        """Prefill each context once, copy its KV-cache row to one row per continuation, then
-        feed every continuation[:-1] in one forward over those rows."""
+        """Prefill each context once, copy its KV-cache row to one row per continuation, then feed
+        every continuation[:-1] over those rows. Cache rows are ordered by continuation length and
+        the continuations go in runs of similar length (a run ends where the length halves), so
+        a long choice does not pad every short one to its width."""
         members = [(group, index, continuation) for group, (_, conts) in enumerate(batch) for index, continuation in conts]
-        first_row = {}
+        members.sort(key=lambda member: -len(member[2]))                       # row r = members[r]
+        first_row: dict[int, int] = {}
         for row, (group, _, _) in enumerate(members):
             first_row.setdefault(group, row)
         contexts = [context for context, _ in batch]
-        longest_tail = max(len(c) for _, _, c in members) - 1
+        longest_tail = len(members[0][2]) - 1
         cache = None
         if longest_tail > 0:
             config = self.model.config
@@ -173,23 +176,36 @@ class Scorer:
                       torch.tensor([len(c) - 1 for c in contexts], device=self.device)]     # [G, d]
         member_group = torch.tensor([g for g, _, _ in members], device=self.device)
         first = last[member_group]                                                       # [R, d]
-        if cache is None:
-            scored = self._score(first, [c for _, _, c in members])
-            return [(index, value) for (_, index, _), value in zip(members, scored)]
-        source = group_rows[member_group]
-        for layer in range(len(cache.keys)):   # every continuation row starts from its context's cache
-            cache.keys[layer].copy_(cache.keys[layer][source])
-            cache.values[layer].copy_(cache.values[layer][source])
-        cache.lengths.copy_(cache.lengths[source])
-        tail_ids, tail_mask = self._pad([c[:-1] or [0] for _, _, c in members])
-        tail = self.model.hidden_states(tail_ids, attention_mask=tail_mask, kv_cache=cache)   # [R, T, d]
+        tails: list[torch.Tensor | None] = [None] * len(members)
+        if cache is not None:
+            cache.copy_rows(group_rows[member_group], torch.arange(len(members), device=self.device))
+            for start, end in self._length_runs([len(c) - 1 for _, _, c in members]):
+                tail_ids, tail_mask = self._pad([c[:-1] for _, _, c in members[start:end]])
+                out = self.model.hidden_states(tail_ids, attention_mask=tail_mask, kv_cache=cache,
+                                               cache_rows=torch.arange(start, end, device=self.device))
+                for row in range(start, end):
+                    tails[row] = out[row - start, :len(members[row][2]) - 1]
         pieces, targets = [], []
         for row, (_, _, continuation) in enumerate(members):
             pieces.append(first[row:row + 1])
-            pieces.append(tail[row, :len(continuation) - 1])
+            if tails[row] is not None:
+                pieces.append(tails[row])
             targets.append(continuation)
         scored = self._score(torch.cat(pieces), targets)
         return [(index, value) for (_, index, _), value in zip(members, scored)]
+
+    @staticmethod
+    def _length_runs(lengths: list[int]) -> list[tuple[int, int]]:
+        """[start, end) runs of descending `lengths` (> 0 only) in which no length is under half the
+        run's first: padding inside a run wastes less than half of its tokens."""
+        runs, start = [], 0
+        for index, length in enumerate(lengths + [0]):
+            if index > start and (length == 0 or 2 * length < lengths[start]):
+                runs.append((start, index))
+                start = index
+            if length == 0:
+                break
+        return runs
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Right-padded ids [B, T] and mask [B, T] (None when no row is padded: SDPA's fast causal path)."""
