@@ -259,3 +259,11 @@ def test_sandbox_kills_loops_blocks_sockets_and_passes_correct_code():
     assert network.status == "failed" and "network access is disabled" in network.output
     memory = run_program("x = bytearray(8 << 30)\n", Limits(memory_bytes=512 << 20))
     assert memory.status == "failed" and "MemoryError" in memory.output
+
+
+def test_a_short_context_model_generates_at_most_half_its_context(tiny_lm, capsys):
+    context = tiny_lm.engine().context_length
+    long_prompt = "ROMEO: " * context                          # longer than the whole context
+    [text] = tiny_lm.generate([long_prompt], until=[], max_tokens=4 * context)
+    assert f"generating at most {context // 2} new tokens" in capsys.readouterr().err
+    assert 0 < len(tiny_lm.tokenizer.encode(text)) <= context // 2 + 2    # (re-encoding may merge differently)

@@ -105,6 +105,14 @@ class EvalModel:
                  temperature: float = 0.0, seed: int | None = None, chat: bool | None = None) -> list[str]:
         """Greedy (or sampled) continuations, each cut at the first stop string."""
         engine = self.engine()
+        if max_tokens > engine.context_length // 2:
+            # A short-context model (a 256-token speedrun GPT) cannot hold GSM8K's 256 new tokens and a
+            # prompt: it gets half its context for the answer, the prompt keeps its last tokens.
+            import sys
+
+            print(f"note: {self.ref} has a {engine.context_length}-token context; generating at most "
+                  f"{engine.context_length // 2} new tokens instead of {max_tokens}", file=sys.stderr)
+            max_tokens = engine.context_length // 2
         budget = engine.context_length - max_tokens    # as lm-eval: keep the prompt's last tokens
         ids = [self.prompt_ids(p, chat)[-budget:] for p in prompts]
         return generate_until(engine, ids, until, max_tokens, temperature, seed)
