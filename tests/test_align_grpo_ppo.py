@@ -167,3 +167,15 @@ def test_ppo_refuses_a_directory_that_is_not_a_reward_model(tokenizer_dir, tmp_p
     assert cli.main(_arguments("ppo", tokenizer_dir, prompts, tmp_path, "bad", reward_model=tmp_path)) == 2
     assert "is not a reward-model run" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_reference_with_another_vocabulary_is_refused_before_anything_is_written(tokenizer_dir, tmp_path, capsys):
+    from lmforge.model import build_model, get_preset
+    from lmforge.model.loading import save_pretrained
+
+    other = tmp_path / "other"
+    save_pretrained(build_model(get_preset("nano", vocab_size=77)), None, other)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    assert cli.main(_arguments("grpo", tokenizer_dir, prompts, tmp_path, "bad", beta=0.1, reference=other)) == 2
+    assert "another vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
