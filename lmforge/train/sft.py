@@ -120,7 +120,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         context = session.context
         config = session.with_precision(config)
         # Inputs are checked before anything is written: the model, its tokenizer, the data.
-        model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed)
+        model, tokenizer = load_causal_lm(config.model, config.tokenizer, config.seed, qlora=qlora_settings(config))
         if config.seq_len > model.config.max_seq_len:
             raise UserError(f"seq_len={config.seq_len} is longer than the model's context "
                             f"({model.config.max_seq_len}); lower seq_len")
@@ -183,9 +183,10 @@ def _with_adapters(model: torch.nn.Module, config: SFTConfig, tokenizer: Any = N
 
     settings = dataclasses.asdict(config.lora)
     if config.peft == "qlora":
-        from ..peft.qlora import apply_qlora, qlora_merged_state_dict
+        from ..peft.qlora import apply_qlora, has_qlora, qlora_merged_state_dict
 
-        apply_qlora(model, config.lora, blocksize=config.qlora_blocksize)
+        if not has_qlora(model):               # not already loaded as QLoRA (load_causal_lm(qlora=...))
+            apply_qlora(model, config.lora, blocksize=config.qlora_blocksize)
         settings["blocksize"] = config.qlora_blocksize
         export_state = qlora_merged_state_dict
     else:
@@ -212,14 +213,28 @@ def save_run_adapter(model: torch.nn.Module, config: SFTConfig, run_dir: Path) -
         return None
 
 
-def load_causal_lm(model_reference: str, tokenizer_reference: str | None, seed: int) -> tuple[Any, Any]:
+def qlora_settings(config: Any) -> tuple[LoRAConfig, int] | None:
+    """(adapters, NF4 blocksize) when `config` (SFT, DPO, ...) asks for peft=qlora, else None."""
+    return (config.lora, config.qlora_blocksize) if getattr(config, "peft", "none") == "qlora" else None
+
+
+def load_causal_lm(model_reference: str, tokenizer_reference: str | None, seed: int,
+                   qlora: tuple[LoRAConfig, int] | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) for fine-tuning (SFT, DPO, reward models, CAI): a GPT with a tokenizer.
 
-    Seeded first, so a preset's random weights are the same in every process and run."""
+    Seeded first, so a preset's random weights are the same in every process and run.
+    qlora: (adapters, blocksize) loads the base straight into NF4 with those adapters, one layer
+    at a time (peft/qlora_loading.py), so the whole fp32 model is never in memory."""
     from ..model.loading import load
 
     torch.manual_seed(seed)
-    model, tokenizer = load(model_reference, tokenizer=_tokenizer_reference(tokenizer_reference))
+    if qlora is not None:
+        from ..peft.qlora_loading import load_qlora
+
+        model, tokenizer = load_qlora(model_reference, qlora[0], blocksize=qlora[1],
+                                      tokenizer=_tokenizer_reference(tokenizer_reference))
+    else:
+        model, tokenizer = load(model_reference, tokenizer=_tokenizer_reference(tokenizer_reference))
     if tokenizer is None:
         raise UserError(f"model '{model_reference}' has no tokenizer; set tokenizer=PATH (a tokenizer directory "
                         "or a model whose tokenizer to use)")
