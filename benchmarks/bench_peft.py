@@ -8,14 +8,16 @@ subprocess so that its peak RSS is its own. Reported per method:
 
   trainable   parameters with requires_grad
   peak RSS    the process's maximum resident set (ru_maxrss) after the last step, model loading
-              included (QLoRA loads the fp32 model, then quantizes it layer by layer)
+              included (QLoRA reads its base layer by layer straight into NF4, as `lmforge sft
+              peft=qlora` does)
   tokens/s    real (non-padding) input tokens per second over the steps after the first two
   val loss    the held-out conversations' loss after the steps (lmforge's evaluation, the same
               for every method), with the base model's for reference
 
   full        lmforge Trainer, every weight (lr 1e-4)
   lora        lmforge LoRA r=16 alpha=32 on every linear layer (lr 2e-4)
-  qlora       the same adapters on an NF4 base (double-quantized absmax, blocks of 64)
+  qlora       the same adapters on an NF4 base (double-quantized absmax, blocks of 64), with
+              activation checkpointing, as in the QLoRA paper (the others store activations)
   prompt      prompt tuning, 20 virtual tokens initialised from the text of a task hint (lr 3e-2)
   peft        peft.get_peft_model(transformers' LlamaForCausalLM, LoraConfig(r=16, alpha=32,
               all-linear)) trained by a plain loop on the identical batches (labels shifted the
@@ -64,7 +66,7 @@ def sft_config(args: argparse.Namespace, method: str, out_dir: str):
         "eval_at_start=false", "eval_prompts=0", "checkpoint_interval=0", "log_interval=1", "seed=0",
         f"out_dir={out_dir}", f"name={method}", f"peft={peft}", "lora.r=16", "lora.alpha=32",
         "lora.target_modules=all-linear", "prompt.num_virtual_tokens=20", "prompt.init=text",
-        f"prompt.init_text={PROMPT_TEXT}"])
+        f"prompt.init_text={PROMPT_TEXT}", f"activation_checkpointing={method == 'qlora'}"])
 
 
 def run_method(args: argparse.Namespace, method: str, work: Path) -> dict:
@@ -73,10 +75,9 @@ def run_method(args: argparse.Namespace, method: str, work: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     from lmforge.eval import evaluate_objective
-    from lmforge.model.loading import load
     from lmforge.train import Trainer
     from lmforge.train.objectives import SFTObjective
-    from lmforge.train.sft import _with_adapters
+    from lmforge.train.sft import _with_adapters, load_causal_lm, qlora_settings
     from lmforge.train.sft_data import prepare_sft_data
 
     config = sft_config(args, method, str(work / "runs"))
@@ -85,7 +86,7 @@ def run_method(args: argparse.Namespace, method: str, work: Path) -> dict:
         from lmforge.tokenizer import load_tokenizer
 
         return run_peft(args, work, prepare_sft_data(config, load_tokenizer(work / "hf_base")))
-    model, tokenizer = load(config.model)
+    model, tokenizer = load_causal_lm(config.model, None, config.seed, qlora=qlora_settings(config))
     data = prepare_sft_data(config, tokenizer)
     model, options = _with_adapters(model.float(), config, tokenizer)
     options = {key: value for key, value in options.items() if key == "export_state"}

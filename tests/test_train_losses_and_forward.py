@@ -125,6 +125,23 @@ def test_fused_output_layer_and_loss_equal_logits_then_cross_entropy(dtype):
                                    rtol=tolerance, atol=tolerance)
 
 
+def test_a_frozen_output_layer_costs_no_weight_gradient():
+    """LoRA, QLoRA and prompt tuning freeze the (tied) head: linear_cross_entropy then computes and
+    keeps no [V, d] weight gradient, and the hidden states get the same gradient as before."""
+    from lmforge.model.lm_head_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.5).requires_grad_()
+    labels = torch.randint(0, 50, (37,))
+    linear_cross_entropy(hidden, weight, labels, chunk_rows=8)[0].backward()
+    trained_input_grad, hidden.grad = hidden.grad.clone(), None
+    loss, _ = linear_cross_entropy(hidden, weight.detach(), labels, chunk_rows=8)
+    assert not any(t is not None and t.shape == weight.shape for t in loss.grad_fn.saved_tensors)
+    loss.backward()
+    assert torch.equal(hidden.grad, trained_input_grad)
+
+
 def test_fused_objectives_equal_the_unfused_path_on_a_gpt():
     """CausalLMObjective and SFTObjective fuse the model's output layer with the loss by default:
     same loss, accuracy and parameter gradients as logits-then-loss, tied embeddings included."""

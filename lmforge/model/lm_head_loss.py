@@ -33,13 +33,14 @@ def chunk_rows_for(vocab_size: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
-                with_grad: bool):
+                with_grad: bool, weight_grad: bool):
         n_rows = hidden.shape[0]
         losses = hidden.new_zeros((), dtype=torch.float32)
         correct = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         # fp32 accumulation over chunks: summing bf16 partial products would lose the small updates.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        # A frozen head (LoRA, QLoRA, prompt tuning) needs no [V, d] weight gradient: skip it.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and weight_grad else None
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
             chunk_hidden, chunk_labels = hidden[rows], labels[rows]
@@ -57,20 +58,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits.mul_(kept[:, None])
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[rows] = grad_logits @ weight
-                if weight.dtype == torch.float32:
+                if grad_weight is None:
+                    pass
+                elif weight.dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), chunk_hidden)
                 else:   # a bf16 product, accumulated in fp32 (addmm_ wants one dtype)
                     grad_weight.add_(grad_logits.t() @ chunk_hidden)
         if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(correct)
         return losses, correct
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
-            None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), \
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -93,4 +96,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     with_grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or weight.requires_grad)
     rows = chunk_rows or chunk_rows_for(weight.shape[0])
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, with_grad)
+        return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, with_grad, weight.requires_grad)

@@ -119,7 +119,10 @@ def export_model(trainer: "Trainer", directory: str | Path) -> None:
             weights = trainer.export_state(trainer.raw)
         else:
             weights = get_model_state_dict(trainer.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        weights = {name: tensor.clone() for name, tensor in weights.items()}
+        # The EMA's swap-back would change tensors that share the parameters' storage: copy them
+        # then. Without an EMA the tensors are saved as they are (a clone would double the export).
+        if trainer.ema is not None:
+            weights = {name: tensor.clone() for name, tensor in weights.items()}
     if trainer.context.is_main:
         aliases = tied_names(trainer.raw)
         ckpt.export_model(directory, {k: v for k, v in weights.items() if k not in aliases}, trainer.model_config)
