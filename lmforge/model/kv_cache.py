@@ -39,9 +39,10 @@ class KVCache:
     def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Make rows `target` [n] hold what rows `source` [n] hold (keys, values, lengths): one prompt
         prefilled once serves several sequences (the engine's prefix sharing)."""
+        used = int(self.lengths[source].max()) if len(source) else 0    # positions past it are stale anyway
         for keys, values in zip(self.keys, self.values):
-            keys[target] = keys[source]
-            values[target] = values[source]
+            keys[target, :, :used] = keys[source, :, :used]
+            values[target, :, :used] = values[source, :, :used]
         self.lengths[target] = self.lengths[source]
 
     def plan(self, rows: torch.Tensor | None, length: int, attention_mask: torch.Tensor | None
