@@ -179,3 +179,15 @@ def test_a_reference_with_another_vocabulary_is_refused_before_anything_is_writt
     assert cli.main(_arguments("grpo", tokenizer_dir, prompts, tmp_path, "bad", beta=0.1, reference=other)) == 2
     assert "another vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_system_prompt_goes_first_unless_a_prompt_has_its_own():
+    from lmforge.align.rewards import Prompt
+    from lmforge.align.rl_run import with_system
+
+    plain = Prompt([{"role": "user", "content": "2 + 2 ="}], "4")
+    own = Prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "1 + 1 ="}], "2")
+    first, second = with_system([plain, own], "Reply with only the number.")
+    assert first.messages == [{"role": "system", "content": "Reply with only the number."}, *plain.messages]
+    assert first.answer == "4" and second is own
+    assert with_system([plain], None) == [plain]

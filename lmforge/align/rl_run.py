@@ -39,6 +39,7 @@ class OnPolicyConfig(TrainConfig):
     reference: str | None = None          # KL reference; default a frozen copy of model (LoRA: the base, adapters off)
     prompts: str = "reasoning-gym:chain_sum?size=512&seed=0"   # or a JSONL of {"prompt", "answer"?, "meta"?}
     max_prompts: int | None = None
+    system_prompt: str | None = None      # a system turn put before every prompt that has none (e.g. the answer format)
     eval_prompts: str | None = None       # held-out prompts (same syntax); default: val_prompts held out of prompts
     val_prompts: int = 32
     rewards: list[str] = field(default_factory=lambda: ["task"])   # task | gsm8k | format | package.module:function
@@ -95,11 +96,19 @@ class OnPolicyConfig(TrainConfig):
         return self
 
 
+def with_system(prompts: list[Prompt], system: str | None) -> list[Prompt]:
+    """The prompts with a system turn first (those that already have one are kept as they are)."""
+    if not system:
+        return prompts
+    return [p if p.messages[0]["role"] == "system" else
+            Prompt([{"role": "system", "content": system}, *p.messages], p.answer, p.meta, p.source) for p in prompts]
+
+
 def split_prompts(config: OnPolicyConfig) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, held-out prompts): eval_prompts if given, else val_prompts held out by the seed."""
-    prompts = load_prompts(config.prompts, config.max_prompts)
+    prompts = with_system(load_prompts(config.prompts, config.max_prompts), config.system_prompt)
     if config.eval_prompts is not None:
-        return prompts, load_prompts(config.eval_prompts)[:config.val_prompts]
+        return prompts, with_system(load_prompts(config.eval_prompts)[:config.val_prompts], config.system_prompt)
     if len(prompts) <= config.val_prompts:
         raise UserError(f"prompts '{config.prompts}' gives {len(prompts)} prompts, not more than val_prompts="
                         f"{config.val_prompts}; add prompts, lower val_prompts or set eval_prompts")
