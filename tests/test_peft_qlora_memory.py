@@ -104,6 +104,13 @@ def test_layer_by_layer_loading_is_load_then_apply_qlora(tmp_path, tokenizer, ki
 
 
 def test_no_fp32_block_weight_outlives_its_quantization(tmp_path, tokenizer):
+    # Tensors other tests left alive (module fixtures) are not this test's: remember them, and hold
+    # them so that no new tensor can take one of their ids.
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        earlier = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    known = {id(o) for o in earlier}
     base = _base(tokenizer, n_layers=3)
     shapes = {tuple(m.weight.shape) for path, m in base.named_modules()
               if isinstance(m, nn.Linear) and ".blocks." in f".{path}"}
@@ -113,8 +120,8 @@ def test_no_fp32_block_weight_outlives_its_quantization(tmp_path, tokenizer):
         gc.collect()
         with warnings.catch_warnings():      # isinstance() on every object touches deprecated aliases
             warnings.simplefilter("ignore")
-            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta
-                       and o.dtype == torch.float32 and tuple(o.shape) in shapes)
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in known
+                       and not o.is_meta and o.dtype == torch.float32 and tuple(o.shape) in shapes)
 
     assert fp32_block_weights() == 12                             # the probe sees a loaded model's weights
     reference = export(base, tokenizer, tmp_path / "hf", "hf")

@@ -207,13 +207,7 @@ def dpo(config: DPOConfig, resume: bool = False) -> RunResult:
                 frozen["reference"] = copy.deepcopy(model).float()     # LoRA: the base with adapters off instead
         started = time.perf_counter()
         data = prepare_pair_data(config, tokenizer, context.rank, context.world_size)
-        session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume(config)
-        config_dict = to_dict(config)
-        session.save_config(config)
-        if context.is_main:
-            tokenizer.save(session.run_dir / "tokenizer")
-        tracker, progress = session.start_tracking(config_dict, resume_from)
+        resume_from, config_dict, tracker, progress = session.open_run(config, tokenizer)
         evaluation = PreferenceEvaluation(config, tokenizer, data, objective, context)
         model, adapters = _with_adapters(model.float(), config)
         trainer = Trainer(model, objective, data.train, config, run_dir=session.run_dir, context=context,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import build_config, to_dict
+from ..config import build_config
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
 from ..train.config import TrainConfig
@@ -135,13 +135,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> RunResult:
         objective = RewardObjective(model.config.d_model, config.center_rewards_coefficient)
         started = time.perf_counter()
         data = prepare_pair_data(config, tokenizer, context.rank, context.world_size)
-        session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume(config)
-        config_dict = to_dict(config)
-        session.save_config(config)
-        if context.is_main:
-            tokenizer.save(session.run_dir / "tokenizer")
-        tracker, progress = session.start_tracking(config_dict, resume_from)
+        resume_from, config_dict, tracker, progress = session.open_run(config, tokenizer)
         evaluation = PreferenceEvaluation(config, tokenizer, data, objective, context)
         model, adapters = _with_adapters(model.float(), config)
         trainer = Trainer(model, objective, data.train, config, run_dir=session.run_dir, context=context,

@@ -215,13 +215,7 @@ def run_on_policy(config: OnPolicyConfig, build_objective: Callable[..., Any], t
         batches = PromptBatches(train_prompts, objective.prompts_per_generation, objective.updates_per_generation,
                                 seed=config.seed, rank=context.rank, world_size=context.world_size)
         started = time.perf_counter()
-        session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume(config)
-        config_dict = to_dict(config)
-        session.save_config(config)
-        if context.is_main:
-            tokenizer.save(session.run_dir / "tokenizer")
-        tracker, progress = session.start_tracking(config_dict, resume_from)
+        resume_from, config_dict, tracker, progress = session.open_run(config, tokenizer)
         evaluation = RolloutEvaluation(config, tokenizer, held_out, rewards, context,
                                        reward_model_score(frozen, tokenizer) if reward_model_score is not None else None)
         model, adapters = _with_adapters(model.float(), config)

@@ -22,6 +22,7 @@ values, advantages) are stored label-aligned in [N, T] tensors, 0 off the comple
 """
 from __future__ import annotations
 
+import abc
 import random
 import time
 from typing import Any
@@ -291,10 +292,10 @@ class OnPolicyObjective(Objective):
         if self.off_policy:
             buffer["old_logps"] = self.per_token_logps(policy, buffer, ctx)[0]
 
+    @abc.abstractmethod
     def score(self, buffer: dict[str, torch.Tensor], prompts: list[Prompt], texts: list[str], ctx: Any,
               policy: nn.Module) -> dict[str, float]:
         """Add the method's advantages (and anything else its loss needs) to the buffer."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ micro-batches
 
@@ -316,8 +317,9 @@ class OnPolicyObjective(Objective):
         rows["generation_metrics"] = {name: Mean(value * count, count) for name, value in self.generation_metrics.items()}
         return rows
 
+    @abc.abstractmethod
     def micro_batch_units(self, rows: dict[str, torch.Tensor]) -> float:
-        raise NotImplementedError
+        """The units a micro-batch's summed loss is over (known before its forward)."""
 
     def row_metrics(self, rows: dict[str, Any]) -> dict[str, Mean]:
         """Per-row figures of a micro-batch (each row counted once per update it is trained on)."""

@@ -58,11 +58,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits.mul_(kept[:, None])
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[rows] = grad_logits @ weight
-                if grad_weight is None:
-                    pass
-                elif weight.dtype == torch.float32:
+                if grad_weight is not None and weight.dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), chunk_hidden)
-                else:   # a bf16 product, accumulated in fp32 (addmm_ wants one dtype)
+                elif grad_weight is not None:   # a bf16 product, accumulated in fp32 (addmm_ wants one dtype)
                     grad_weight.add_(grad_logits.t() @ chunk_hidden)
         if with_grad:
             ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))

@@ -2,10 +2,8 @@
 
     with RunSession(config, resume) as session:          # distributed init ... shutdown
         ...check the inputs (nothing is written yet)...
-        session.claim_run_dir()                            # create or reuse runs/<name>
-        resume_from = session.checkpoint_to_resume()
-        session.save_config(config)                        # config.yaml (rank 0)
-        tracker, progress = session.start_tracking(config_dict, resume_from)
+        resume_from, config_dict, tracker, progress = session.open_run(config, tokenizer)
+        # = claim runs/<name>, find the checkpoint to resume, config.yaml + tokenizer (rank 0), tracking
         result = session.fit(trainer, resume_from)
 
 It owns what pretrain, sft and every later command would otherwise each repeat: run-directory
@@ -94,6 +92,19 @@ class RunSession:
             raise UserError(f"run directory '{self.run_dir}' already has checkpoints; continue it with --resume, "
                             "or start a new run with name=NEW_NAME")
         return None
+
+    def open_run(self, config: Any, tokenizer: Any = None) -> tuple[Path | None, dict[str, Any], Any, Any]:
+        """Everything after the inputs are checked, in order: claim the run directory, find the
+        checkpoint to resume, save config.yaml and the tokenizer (rank 0), start tracking.
+        Returns (resume_from, config_dict, tracker, progress)."""
+        self.claim_run_dir()
+        resume_from = self.checkpoint_to_resume(config)
+        config_dict = to_dict(config)
+        self.save_config(config)
+        if tokenizer is not None and self.is_main:
+            tokenizer.save(self.run_dir / "tokenizer")
+        tracker, progress = self.start_tracking(config_dict, resume_from)
+        return resume_from, config_dict, tracker, progress
 
     def save_config(self, config: Any) -> None:
         """config.yaml (rank 0). On a resume it is written only once the checkpoint has been restored,

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import build_config, to_dict
+from ..config import build_config
 from ..errors import UserError
 from ..peft.lora import LoRAConfig
 from ..peft.prompt import PromptConfig
@@ -130,14 +130,7 @@ def sft(config: SFTConfig, resume: bool = False) -> RunResult:
         plan = plan_distillation(config, model, tokenizer, context)   # None: no teacher
         data = prepare_sft_data(config, tokenizer, context.rank, context.world_size,
                                 rewrite=plan.rewrite if plan is not None else None)
-        session.claim_run_dir()
-        resume_from = session.checkpoint_to_resume(config)
-
-        config_dict = to_dict(config)
-        session.save_config(config)
-        if context.is_main:
-            tokenizer.save(session.run_dir / "tokenizer")
-        tracker, progress = session.start_tracking(config_dict, resume_from)
+        resume_from, config_dict, tracker, progress = session.open_run(config, tokenizer)
         evaluation = SFTEvaluation(config, tokenizer, data, context)
         model, adapters = _with_adapters(model.float(), config, tokenizer)
         objective = (DistillObjective(config.distill, tokenizer, config.seq_len, config.seed)
