@@ -190,28 +190,9 @@ def ai_feedback_pairs(model: torch.nn.Module, judge: torch.nn.Module, judge_toke
 
 def read_prompts(path: str) -> list[list[dict[str, str]]]:
     """A JSONL file of {"prompt": text or messages} (extra fields ignored) -> prompts as messages."""
-    import json
-    from pathlib import Path
+    from .rewards import read_prompt_file
 
-    from .data import _messages
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"prompt file '{path}' does not exist; give a JSONL file of {{\"prompt\": ...}} lines")
-    prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid JSON ({error.msg}); fix that line") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise UserError(f"{path}:{number}: missing field prompt; fix that line")
-        prompts.append(_messages(record["prompt"], "user", f"{path}:{number}", "prompt"))
-    if not prompts:
-        raise UserError(f"prompt file '{path}' holds no prompts")
-    return prompts
+    return [prompt.messages for prompt in read_prompt_file(path)]
 
 
 def log(message: str) -> None:

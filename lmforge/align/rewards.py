@@ -166,10 +166,7 @@ def check_scores(name: str, scores: Any, expected: int) -> list[float]:
 
 def load_prompts(source: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from `reasoning-gym:TASK?size=N&seed=S&...` or a JSONL file of {"prompt", "answer"?, "meta"?}."""
-    import json
-
     from ..data.chat_corpora import builtin_conversations, is_builtin
-    from .data import _messages
 
     if is_builtin(source):
         if not source.startswith(("reasoning-gym:", "reasoning_gym:")):
@@ -177,9 +174,20 @@ def load_prompts(source: str, limit: int | None = None) -> list[Prompt]:
                             "reasoning-gym:TASK?size=N or a JSONL file of prompts")
         conversations = builtin_conversations(source, limit)
         return [Prompt(c.messages[:-1], c.messages[-1]["content"], c.meta, c.source) for c in conversations]
+    if not Path(source).is_file():
+        raise UserError(f"prompts '{source}' is neither a reasoning-gym task nor an existing JSONL file")
+    return read_prompt_file(source, limit)
+
+
+def read_prompt_file(source: str, limit: int | None = None) -> list[Prompt]:
+    """A JSONL file of {"prompt": text or messages, "answer"?, "meta"?}; UserError naming a bad line."""
+    import json
+
+    from .data import _messages
+
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"prompts '{source}' is neither a reasoning-gym task nor an existing JSONL file")
+        raise UserError(f"prompt file '{source}' does not exist; give a JSONL file of {{\"prompt\": ...}} lines")
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
