@@ -178,7 +178,9 @@ def test_two_process_ddp_dpo_equals_one_process(tmp_path):
                      _config(max_steps=4), run_dir=tmp_path / "single", frozen_models={"reference": tiny_gpt(seed=0)})
     result = single.fit()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # One process runs each pair's prompt once (model/shared_prefix.py), the DDP ranks the plain
+    # forward: the same sums in another order, so after 4 AdamW steps they agree to ~1e-6, not bitwise.
     for name, parameter in single.raw.named_parameters():
-        torch.testing.assert_close(ranks[0]["params"][name], parameter.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ranks[1]["params"][name], parameter.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ranks[0]["params"][name], parameter.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ranks[1]["params"][name], parameter.detach(), rtol=1e-5, atol=1e-5)
     assert ranks[0]["losses"] == pytest.approx([row["loss"] for row in result.history], rel=1e-5)

@@ -78,7 +78,8 @@ class PromptBatches:
 
 def rollout_tensors(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
                     ) -> dict[str, torch.Tensor]:
-    """Right-padded rows prompt + completion: input_ids, attention_mask, labels [N, T]."""
+    """Right-padded rows prompt + completion: input_ids, attention_mask, labels [N, T], and
+    prompt_lengths [N] (rows with equal prompts then run them once: model/shared_prefix.py)."""
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -88,18 +89,28 @@ def rollout_tensors(prompt_ids: list[list[int]], completion_ids: list[list[int]]
         ids[row, :n] = torch.tensor(prompt + completion)
         mask[row, :n] = 1
         labels[row, len(prompt) - 1:n - 1] = torch.tensor(completion)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "prompt_lengths": torch.tensor([len(p) for p in prompt_ids])}
 
 
 def token_logps_and_hidden(model: nn.Module, rows: dict[str, torch.Tensor], hidden: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward: (log p of each completion token [M], its logits [M, V], the final hidden states
-    at those positions [M, d] if `hidden`), in row-major order; the output layer runs only there."""
+    at those positions [M, d] if `hidden`), in row-major order; the output layer runs only there.
+    Rows that share a prompt (a GRPO group) run it once when `rows` has prompt_lengths."""
+    from ..model.shared_prefix import shared_prefix_states
+
     predicted = rows["labels"] != IGNORE_INDEX
-    output = model(rows["input_ids"], attention_mask=rows["attention_mask"], logits_mask=predicted,
-                   return_output=True)
-    logps = token_logprobs(output.logits, rows["labels"][predicted])
-    return logps, output.logits, output.hidden_states[predicted] if hidden else None
+    states = (shared_prefix_states(model, rows["input_ids"], rows["attention_mask"], predicted, rows["prompt_lengths"])
+              if "prompt_lengths" in rows else None)
+    if states is not None:
+        logits = model.lm_head(states)
+    else:
+        output = model(rows["input_ids"], attention_mask=rows["attention_mask"], logits_mask=predicted,
+                       return_output=True)
+        logits, states = output.logits, (output.hidden_states[predicted] if hidden else None)
+    logps = token_logprobs(logits, rows["labels"][predicted])
+    return logps, logits, states if hidden else None
 
 
 def label_aligned(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

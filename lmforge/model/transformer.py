@@ -18,6 +18,7 @@ from .kv_cache import KVCache
 from .mlp import MixtureOfExperts, build_mlp
 from .norms import build_norm
 from .positions import RotaryEmbedding, alibi_slopes, sinusoidal_table
+from .shared_prefix import SharedPrefixCache
 
 
 class Block(nn.Module):
@@ -102,8 +103,11 @@ class Transformer(nn.Module):
                                 "truncate the input")
             positions = position_ids if position_ids is not None else torch.arange(length, device=device)[None]
             key_length, cache_step = length, None
-        mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None,
-                                   document_ids=document_ids)
+        if isinstance(kv_cache, SharedPrefixCache):
+            mask = kv_cache.attention_mask(length)
+        else:
+            mask = self.attention_mask(positions, key_length, attention_mask, cached=kv_cache is not None,
+                                       document_ids=document_ids)
         rope = None
         if self.rotary is not None:
             # Packed positions never exceed the row length, so `length` bounds the table either way.
