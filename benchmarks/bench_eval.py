@@ -16,9 +16,11 @@ computes log-softmax over the vocabulary at every position; lmforge prefills eac
 context once, copies its KV-cache row to one row per choice, and runs the output layer only at
 the positions that predict a choice token. For generation, hf's `generate` decodes a padded batch
 until its longest member stops; lmforge's engine refills a finished row with the next question
-(continuous batching). Ends with one JSON line.
+(continuous batching) and drafts up to --prompt-lookup tokens per greedy row from the text so far
+(infer/prompt_lookup.py), keeping those its own argmax agrees with: the same text in fewer
+forwards. The generation run is repeated without drafts, to show both effects. Ends with one JSON line.
 
-    python benchmarks/bench_eval.py [--limit 0] [--gen-questions 32] [--max-gen-toks 128] [--batch-size 16]
+    python benchmarks/bench_eval.py [--limit 0] [--gen-questions 32] [--max-gen-toks 128] [--batch-size 16] [--prompt-lookup 4]
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--max-gen-toks", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--prompt-lookup", type=int, default=4,
+                        help="lmforge's prompt-lookup drafts per step (0 = off); a run without it is measured too")
     parser.add_argument("--hf-dir", default=None, help="an existing HF export of SmolLM2 (default: export now)")
     args = parser.parse_args()
     import torch
@@ -105,7 +109,8 @@ def main() -> None:
     write_tasks(work, args.gen_questions)
     (work / "bench_gen.yaml").write_text((work / "bench_gen.yaml").read_text().replace("MAXTOK", str(args.max_gen_toks)))
     limit = args.limit or None
-    sides = {"lmforge": get_model("lmforge")(model=str(hf_dir), batch_size=args.batch_size, max_length=2048),
+    sides = {"lmforge": get_model("lmforge")(model=str(hf_dir), batch_size=args.batch_size, max_length=2048,
+                                             prompt_lookup=args.prompt_lookup),
              "hf": get_model("hf")(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=args.batch_size,
                                    max_length=2048)}
     report: dict = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "batch_size": args.batch_size}
@@ -124,6 +129,18 @@ def main() -> None:
         gen[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "texts": texts,
                      "exact_match": out["results"]["bench_gen"]["exact_match,none"]}
         print(f"{name}: mc {mc[name]['requests_per_s']:.1f} req/s, gen {gen[name]['tokens_per_s']:.1f} tok/s", flush=True)
+    stats = sides["lmforge"].lm.engine().stats
+    drafts = {"proposed": stats.draft_tokens, "accepted": stats.accepted_draft_tokens, "steps": stats.steps}
+    plain = None
+    if args.prompt_lookup:
+        # The same engine without drafts: what continuous batching alone gives.
+        lm = sides["lmforge"]
+        lm.lm.prompt_lookup, lm.lm._engine = 0, None
+        out, seconds = run(lm, "bench_gen", work, None)
+        texts = [s["resps"][0][0] for s in out["samples"]["bench_gen"]]
+        plain = {"tokens_per_s": sum(len(lm.tok_encode(t)) for t in texts) / seconds,
+                 "same_texts": texts == gen["lmforge"]["texts"], "steps": lm.lm.engine().stats.steps}
+        print(f"lmforge without prompt lookup: gen {plain['tokens_per_s']:.1f} tok/s", flush=True)
     max_diff = max(abs(a - b) for a, b in zip(mc["lmforge"]["logprobs"], mc["hf"]["logprobs"], strict=True))
     same_text = sum(a == b for a, b in zip(gen["lmforge"]["texts"], gen["hf"]["texts"]))
     print(f"\nCPU: {report['cpu']}, {report['threads']} torch threads, batch {args.batch_size}")
@@ -137,6 +154,9 @@ def main() -> None:
     print(f"{'generated tokens/s':28}{gen['lmforge']['tokens_per_s']:>12.1f}{gen['hf']['tokens_per_s']:>12.1f}"
           f"{gen['lmforge']['tokens_per_s'] / gen['hf']['tokens_per_s']:>7.2f}x")
     print(f"{'identical generations':28}{same_text:>12}/{len(gen['hf']['texts'])}")
+    print(f"prompt lookup: {drafts['accepted']} of {drafts['proposed']} drafted tokens kept, {drafts['steps']} engine "
+          "steps" + (f"; without it {plain['tokens_per_s']:.1f} tok/s ({plain['steps']} steps, same texts: "
+                     f"{plain['same_texts']})" if plain else ""))
     report.update({
         "mc_questions": mc["hf"]["questions"], "mc_requests": mc["hf"]["requests"],
         "loglikelihood_requests_per_s": {k: round(v["requests_per_s"], 2) for k, v in mc.items()},
@@ -147,7 +167,10 @@ def main() -> None:
         "gen_questions": len(gen["hf"]["texts"]), "generated_tokens_per_s": {k: round(v["tokens_per_s"], 2)
                                                                             for k, v in gen.items()},
         "generation_ratio": round(gen["lmforge"]["tokens_per_s"] / gen["hf"]["tokens_per_s"], 2),
-        "identical_generations": same_text,
+        "identical_generations": same_text, "prompt_lookup": args.prompt_lookup, "drafts": drafts,
+        "generated_tokens_per_s_without_prompt_lookup": round(plain["tokens_per_s"], 2) if plain else None,
+        "generation_ratio_without_prompt_lookup": round(plain["tokens_per_s"] / gen["hf"]["tokens_per_s"], 2)
+        if plain else None,
     })
     print(json.dumps(report))
 

@@ -28,6 +28,19 @@ def test_generate_streams_the_engine_output(capsys):
     assert "tokens/s" in err
 
 
+def test_generate_with_prompt_lookup_prints_the_same_text(capsys):
+    model, tokenizer = load_tiny()
+    prompt = "the king the king the king the king the"
+    expected = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=24))[0].text
+    code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", prompt, "--max-new-tokens", "24",
+                 "--temperature", "0", "--prompt-lookup", "4", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == expected + "\n"
+    assert "prompt lookup kept" in err
+    assert main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x", "--prompt-lookup", "-1"]) == 2
+    assert "--prompt-lookup -1 is below 0" in capsys.readouterr().err
+
+
 def test_generate_batch_and_chat_mode(capsys):
     model, tokenizer = load_tiny()
     params = SamplingParams(max_new_tokens=6, temperature=0.9, seed=4)

@@ -46,6 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run model-written code for HumanEval (sandboxed: time/memory limits, no network)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per log-likelihood forward")
+    parser.add_argument("--prompt-lookup", type=int, default=4, metavar="N",
+                        help="greedy answers: draft N tokens per step by prompt lookup, keep what the model's "
+                             "argmax agrees with (the same text, fewer forwards); 0 = off")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (None: fp32)")
     parser.add_argument("--out", default=None, help="results JSON (default: artifacts/eval/NAME-DATE.json)")
@@ -79,7 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from .tasks import run_task
 
         lm = EvalModel.load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                            batch_tokens=args.batch_tokens)
+                            batch_tokens=args.batch_tokens, prompt_lookup=args.prompt_lookup)
         task_results = {}
         for task in tasks:
             task_started = time.perf_counter()
@@ -127,7 +130,8 @@ def run_harness(args: argparse.Namespace):
     if unknown:
         raise UserError(f"lm-eval knows no task {', '.join(unknown)}; check the names"
                         + ("" if args.include_path else " or pass --include-path with your task YAMLs"))
-    model_args = f"model={args.model},device={args.device},batch_tokens={args.batch_tokens}" + (
+    model_args = (f"model={args.model},device={args.device},batch_tokens={args.batch_tokens},"
+                  f"prompt_lookup={args.prompt_lookup}") + (
         f",dtype={args.dtype}" if args.dtype else "")
     output = lm_eval.simple_evaluate(model="lmforge", model_args=model_args, tasks=names, task_manager=manager,
                                      limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,

@@ -30,6 +30,7 @@ class EvalModel:
     batch_size: int = 16               # generation: sequences decoded together (KV-cache rows)
     batch_tokens: int = 8192           # log-likelihood: padded tokens per forward
     chat: bool = False                 # wrap generation prompts in the model's chat template
+    prompt_lookup: int = 4             # greedy generation: draft tokens per step (infer/prompt_lookup.py; exact)
     _engine: Any = field(default=None, repr=False)
 
     @classmethod
@@ -87,7 +88,7 @@ class EvalModel:
 
         if self._engine is None:
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=self.batch_size,
-                                  max_seq_len=self.max_length)
+                                  max_seq_len=self.max_length, prompt_lookup=self.prompt_lookup)
         return self._engine
 
     def prompt_ids(self, text: str, chat: bool | None = None) -> list[int]:

@@ -25,6 +25,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster for small models; compiling takes a while)")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                        help="greedy requests: draft N tokens per step from the text so far and keep those the "
+                             "model's own argmax agrees with (exactly greedy's output, fewer forwards; 0 = off; "
+                             "not with --compile)")
     parser.add_argument("--quantize", choices=["int8", "nf4", "q4_0", "q4_1"], default=None,
                         help="quantize the weights at load time: int8 (per channel), nf4 (QLoRA's 4-bit), q4_0 or "
                              "q4_1 (llama.cpp's 4-bit); int8, q4_0 and q4_1 decode faster on a CPU (lmforge.quant)")
@@ -102,6 +106,8 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
         torch.set_num_threads(threads)
     if max_batch_size < 1:
         raise UserError(f"--max-batch-size {max_batch_size} is below 1; use 1 or more")
+    if (getattr(args, "prompt_lookup", 0) or 0) < 0:
+        raise UserError(f"--prompt-lookup {args.prompt_lookup} is below 0; use 0 (off) or a few tokens, e.g. 4")
     if max_seq_len is not None and max_seq_len < 1:
         raise UserError(f"--max-seq-len {max_seq_len} is below 1; use a positive context length, or leave it out")
     model, tokenizer = load(args.model, device=device)
@@ -115,7 +121,8 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
-                  max_seq_len=max_seq_len, compile=getattr(args, "compile", False))
+                  max_seq_len=max_seq_len, compile=getattr(args, "compile", False),
+                  prompt_lookup=getattr(args, "prompt_lookup", 0) or 0)
 
 
 def merge_adapter(model: Any, adapter_dir: str) -> Any:
@@ -180,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         tokens = sum(r.completion_tokens for r in results)
         reasons = ", ".join(r.finish_reason for r in results)
-        print(f"[{tokens} tokens in {seconds:.2f}s, {tokens / seconds:.1f} tokens/s; finish: {reasons}]",
+        drafts = engine.stats
+        lookup = (f"; prompt lookup kept {drafts.accepted_draft_tokens} of {drafts.draft_tokens} drafted tokens"
+                  if drafts.draft_tokens else "")
+        print(f"[{tokens} tokens in {seconds:.2f}s, {tokens / seconds:.1f} tokens/s; finish: {reasons}{lookup}]",
               file=sys.stderr)
     return 0
 

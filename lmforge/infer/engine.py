@@ -41,6 +41,7 @@ from ..tokenizer.chat_template import END_TOKENS, default_stop_token_ids, render
 # Request bookkeeping lives in requests.py; these names stay importable from here.
 from .requests import EngineStats, GenerationError, GenerationResult, Sequence, prepare_prompt  # noqa: F401
 from .sampling import BatchSampler, SamplingParams
+from .prompt_lookup import decode_with_drafts, prompt_lookup_drafts
 from .scheduling import FairQueue
 from .static_decode import StaticDecodeStep
 from .text import TextStream
@@ -62,11 +63,14 @@ class Engine:
     max_prefill_tokens: padded prompt tokens prefilled per step, so that a burst of long prompts
         does not stall the running sequences for long.
     compile: decode with the torch.compile'd static step (static_decode.py); compiles at start.
+    prompt_lookup: draft up to this many tokens per step for greedy rows by prompt lookup
+        (prompt_lookup.py) and verify them in the same forward; the tokens are exactly greedy
+        decoding's. 0 = off. Not with `compile` (its step is one token per row).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 16,
                  context_policy: str = "truncate_left", max_seq_len: int | None = None,
-                 max_prefill_tokens: int = 4096, compile: bool = False) -> None:
+                 max_prefill_tokens: int = 4096, compile: bool = False, prompt_lookup: int = 0) -> None:
         if context_policy not in CONTEXT_POLICIES:
             raise UserError(f"context_policy must be one of {CONTEXT_POLICIES}, not '{context_policy}'")
         if max_batch_size < 1:
@@ -81,6 +85,7 @@ class Engine:
         self.context_policy = context_policy
         self.context_length = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, model.config.max_seq_len)
         self.max_prefill_tokens = max_prefill_tokens
+        self.prompt_lookup = 0 if compile else max(0, int(prompt_lookup))
         self.device = next(model.parameters()).device
         self.cache = model.new_kv_cache(max_batch_size, self.context_length)
         self.sampler = BatchSampler(max_batch_size, model.config.vocab_size, self.device)
@@ -304,6 +309,10 @@ class Engine:
 
     def _decode(self, sequences: list[Sequence]) -> None:
         """Feed each sequence's last sampled token and sample the next one, all rows in one forward."""
+        drafts = prompt_lookup_drafts(self, sequences) if self.prompt_lookup else None
+        if drafts is not None and any(drafts):
+            decode_with_drafts(self, sequences, drafts)
+            return
         ids = torch.tensor([s.next_token for s in sequences], device=self.device)
         rows = torch.tensor([s.row for s in sequences], device=self.device)
         if self.static_step is not None:

@@ -46,6 +46,8 @@ class EngineStats:
     failed: int = 0                  # sequences ended by an error inside the engine (finish_reason "error")
     peak_running: int = 0            # most sequences decoded together in one forward
     compile_seconds: float = 0.0     # start-up cost of the compiled decode step
+    draft_tokens: int = 0            # prompt-lookup tokens proposed (prompt_lookup.py)
+    accepted_draft_tokens: int = 0   # ... and kept (each saves one decode forward)
 
 
 @dataclass
