@@ -62,6 +62,21 @@ def test_verifiable_pairs_use_the_task_scorer(tiny, monkeypatch):
     assert len(with_reference) == 3 and stats.from_reference == 1
 
 
+def test_verifiable_pairs_can_be_scored_by_a_reward_function(tiny, monkeypatch):
+    """--reward gsm8k: the right number inside a sentence wins, where the task's scorer wants it bare."""
+    from lmforge.align import pairs as pairs_module
+    from lmforge.align.rewards import RewardFunctions
+    from lmforge.data.chat_corpora import reasoning_gym_conversations
+
+    conversations = reasoning_gym_conversations("chain_sum", 2, 0)
+    right = [f"The answer is {c.messages[-1]['content']}." for c in conversations]
+    answers = [[right[0], "The answer is 1000."], ["The answer is 999.", "It is 998."]]
+    monkeypatch.setattr(pairs_module, "sample_answers", lambda *a, **k: answers)
+    pairs, stats = verifiable_pairs(*tiny, conversations, k=2, reward=RewardFunctions(["gsm8k"]))
+    assert [(p.chosen, p.rejected) for p in pairs] == [(right[0], "The answer is 1000.")]
+    assert stats.all_worse == 1 and stats.mean_score == 0.25
+
+
 def test_constitutional_ai_end_to_end_on_a_tiny_model(tokenizer_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"bad {i}"}) + "\n" for i in range(14)))
@@ -79,6 +94,9 @@ def test_constitutional_ai_end_to_end_on_a_tiny_model(tokenizer_dir, tmp_path):
     assert read_pairs(run / "ai_pairs.jsonl")
     report = json.loads((run / "report.json").read_text())
     assert report["wins"] + report["losses"] + report["ties"] == 3 and 0 <= report["win_rate"] <= 1
+    averaged = report["order_averaged"]          # a strict win (both orders agree) is an averaged win too
+    assert averaged["wins"] >= report["wins"] and averaged["losses"] >= report["losses"]
+    assert averaged["wins"] + averaged["losses"] <= 3 and "Order-averaged" in (run / "report.md").read_text()
     assert (run / "report.md").is_file() and (run / "dpo" / "model.safetensors").is_file()
 
 

@@ -234,13 +234,30 @@ def constitutional_ai(config: CAIConfig, resume: bool = False) -> Path:
                                 [criterion] * len(test))
     votes = verdicts(margins)
     wins, losses, ties = votes.count(1), votes.count(-1), votes.count(0)
+    # A small judge mostly picks a position, so both orders rarely agree. Each order's margin is
+    # (preference + position bias) or (preference - bias): their mean cancels the bias, which is
+    # half their difference. (The strict both-orders verdict above stays the headline.)
+    averaged, bias = margins.mean(dim=1), (margins[:, 0] - margins[:, 1]) / 2
     figures = {"held_out": len(test), "wins": wins, "losses": losses, "ties": ties,
                "win_rate": (wins + 0.5 * ties) / len(test), "criterion": criterion,
+               "order_averaged": {"wins": int((averaged > 0).sum()), "losses": int((averaged < 0).sum()),
+                                  "mean_margin": round(float(averaged.mean()), 4),
+                                  "position_bias": round(float(bias.mean()), 4)},
                "seconds": round(time.perf_counter() - started, 1), "config": to_dict(config),
                "examples": [{"prompt": p[-1]["content"], "before": b, "after": a, "verdict": v}
                             for p, b, a, v in zip(test, before, after, votes)]}
     write_json_atomic(run / "report.json", figures)
     return _write_report(run, config, records, figures)
+
+
+def _order_averaged_line(figures: dict[str, Any]) -> list[str]:
+    averaged = figures.get("order_averaged")
+    if not averaged:
+        return []
+    return [f"Order-averaged (the two orders' log-odds averaged, which cancels the judge's position bias of "
+            f"{averaged['position_bias']:+.2f} nats toward answer A): the final model is preferred on "
+            f"{averaged['wins']} of {figures['held_out']} prompts, the starting model on {averaged['losses']}; "
+            f"mean margin {averaged['mean_margin']:+.3f} nats (> 0: the final model).", ""]
 
 
 def _write_report(run: Path, config: CAIConfig, records: list[dict[str, Any]], figures: dict[str, Any]) -> Path:
@@ -254,7 +271,7 @@ def _write_report(run: Path, config: CAIConfig, records: list[dict[str, Any]], f
              f"**Judge's preference** ({config.judge or config.model}, criterion \"{figures['criterion']}\", both "
              f"orders): the final model wins {figures['wins']}, loses {figures['losses']}, ties {figures['ties']} "
              f"(win rate {figures['win_rate']:.2f}, ties counted half).", "",
-             "## Phase 1: critique and revision (first examples)", ""]
+             *_order_averaged_line(figures), "## Phase 1: critique and revision (first examples)", ""]
     for record in records[:3]:
         lines += [f"**Prompt:** {_inline(record['prompt'], 300)} (principle: {record['principle']})", "",
                   f"- response: {_inline(record['response'], 300)}", f"- critique: {_inline(record['critique'], 300)}",

@@ -57,6 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pairs.add_argument("--pairs-per-prompt", type=int, default=1)
     pairs.add_argument("--reference-chosen", action="store_true",
                        help="verifiable pairs: when no sample is correct, the task's reference answer is chosen")
+    pairs.add_argument("--reward", help="verifiable pairs: score the samples with these reward functions "
+                       "(comma-separated: task, gsm8k, format, module:function) instead of the task's scorer")
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--max-new-tokens", type=int, default=64)
     pairs.add_argument("--seed", type=int, default=0)
@@ -105,6 +107,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         raise UserError(f"model '{args.model}' has no tokenizer; give a model with one")
     if args.task:
         from ..data.chat_corpora import builtin_conversations, is_builtin
+        from .rewards import RewardFunctions
 
         if not is_builtin(args.task) or not args.task.startswith(("reasoning-gym:", "reasoning_gym:")):
             from ..errors import UserError
@@ -113,7 +116,8 @@ def run_pairs(args: argparse.Namespace) -> int:
         pairs, stats = verifiable_pairs(model, tokenizer, builtin_conversations(args.task), k=args.k,
                                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                         seed=args.seed, pairs_per_prompt=args.pairs_per_prompt,
-                                        reference_chosen=args.reference_chosen)
+                                        reference_chosen=args.reference_chosen,
+                                        reward=RewardFunctions(args.reward.split(",")) if args.reward else None)
     else:
         judge, judge_tokenizer = (model, tokenizer) if not args.judge else load(args.judge)
         pairs, stats = ai_feedback_pairs(model, judge, judge_tokenizer or tokenizer, tokenizer,

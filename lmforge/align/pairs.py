@@ -79,13 +79,17 @@ def sample_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[list[di
 
 def verifiable_pairs(model: torch.nn.Module, tokenizer: Any, conversations: list[Any], k: int = 4,
                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                     pairs_per_prompt: int = 1, reference_chosen: bool = False) -> tuple[list[Pair], PairStats]:
+                     pairs_per_prompt: int = 1, reference_chosen: bool = False,
+                     reward: Any = None) -> tuple[list[Pair], PairStats]:
     """Pairs from reasoning-gym conversations (their meta scores answers): see the module doc.
 
     reference_chosen: when no sample is correct, the task's reference answer (which its scorer
     gives 1.0) is the chosen reply, so a prompt the policy always fails still teaches something.
+    reward: a rewards.RewardFunctions that scores the samples instead of the task's scorer (e.g.
+    gsm8k: the right number anywhere in a sentence, where the scorer wants the bare number).
     """
     from ..data.chat_corpora import score_answer
+    from .rewards import Prompt
 
     if k < 2:
         raise UserError(f"k={k}: a pair needs at least 2 samples per prompt; use k >= 2")
@@ -94,7 +98,12 @@ def verifiable_pairs(model: torch.nn.Module, tokenizer: Any, conversations: list
     stats = PairStats(prompts=len(prompts))
     pairs, total = [], 0.0
     for conversation, prompt, replies in zip(conversations, prompts, answers):
-        scores = [score_answer(conversation.meta, reply) for reply in replies]
+        if reward is None:
+            scores = [score_answer(conversation.meta, reply) for reply in replies]
+        else:
+            reference_prompt = Prompt(prompt, conversation.messages[-1]["content"], conversation.meta,
+                                      conversation.source)
+            scores = reward([reference_prompt] * len(replies), replies)[0]
         total += sum(scores)
         best = max(scores)
         if reference_chosen and best < 1.0:
