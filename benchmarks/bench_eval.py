@@ -25,9 +25,11 @@ forwards. The generation run is repeated without drafts, to show both effects. E
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -101,6 +103,7 @@ def main() -> None:
     from lmforge.model.loading import export, load
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)   # the HF export is 540 MB
     hf_dir = Path(args.hf_dir) if args.hf_dir else work / "smollm2-hf"
     if not args.hf_dir:
         model, tokenizer = load("smollm2-135m-instruct")

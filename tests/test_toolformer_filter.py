@@ -107,3 +107,17 @@ def test_recipes_load_and_unknown_keys_are_refused():
     assert config.shots == [0, 1, 4, 8] and "gcd" in config.eval_tasks and "gcd" not in config.train_tasks
     with pytest.raises(UserError, match="nope"):
         load_toolformer_config("toolformer-smollm2", ["nope=1"])
+
+
+def test_a_second_lab_run_under_one_name_is_refused_before_any_work(tmp_path):
+    """An earlier run's fine-tuning sub-run would stop a rerun minutes in; the lab refuses at once."""
+    from lmforge.errors import UserError
+    from lmforge.labs.metaicl import load_metaicl_config, run_metaicl
+    from lmforge.labs.toolformer import load_toolformer_config, run_toolformer
+
+    for name, load_config, run in (("tf", load_toolformer_config, run_toolformer),
+                                   ("mi", load_metaicl_config, run_metaicl)):
+        (tmp_path / name / f"{name}-sft").mkdir(parents=True)
+        config = load_config(None, [f"out_dir={tmp_path}", f"name={name}", "model=no-such-model"])
+        with pytest.raises(UserError, match="already exists"):
+            run(config)

@@ -1,12 +1,23 @@
 """What the labs tools share: turning text into a model's input, and tokens into readable labels."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+
+
+def new_lab_dir(out_dir: str, name: str) -> Path:
+    """The lab's run directory, created; refused before any work if an earlier run left one (its
+    fine-tuning sub-runs would refuse to start over it, minutes in)."""
+    out = Path(out_dir) / name
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"run directory '{out}' already exists; choose another name (name=NEW_NAME) or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def require_tokenizer(tokenizer: Any, ref: str) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import build_config
 from ..errors import UserError
+from .common import new_lab_dir
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -195,8 +196,7 @@ def run_metaicl(config: MetaICLConfig) -> dict:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.out_dir) / config.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_lab_dir(config.out_dir, config.name)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..config import build_config
 from ..errors import UserError
+from .common import new_lab_dir
 
 CALL = "[calculator("
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -291,8 +292,7 @@ def run_toolformer(config: ToolformerConfig) -> dict:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.out_dir) / config.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_lab_dir(config.out_dir, config.name)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     registry = ToolRegistry.builtin("calculator")
