@@ -12,8 +12,12 @@ from lmforge.errors import UserError
 from lmforge.tokenizer import BPETokenizer, HFTokenizer, load_tokenizer, train_bpe, train_bpe_on_texts
 
 
-# Any unicode (surrogates excluded: they are not valid text), plus the tricky bits.
-RANDOM_UNICODE = st.lists(st.one_of(st.text(max_size=10), st.sampled_from(
+# Any assigned unicode, plus the tricky bits. Surrogates are not valid text; unassigned code points
+# (Cn in Python's Unicode database) are left out because the `regex` module's newer tables call
+# some of them letters (U+3D000 is \p{L} in regex 2026.11) while HF tokenizers' older ones do not:
+# they would test the Unicode versions, not the tokenizers.
+ASSIGNED_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cn", "Cs")), max_size=10)
+RANDOM_UNICODE = st.lists(st.one_of(ASSIGNED_TEXT, st.sampled_from(
     ["<|endoftext|>", "<|im_start|>", " ", "\n\n", "\r\n", "  \n ", "🤗", "中文", "'s", "'Re", "12345", "²"])),
     max_size=10).map("".join)
 

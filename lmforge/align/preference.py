@@ -39,15 +39,11 @@ def response_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(response token) [R], response lengths [R]) for rows [R, T] labelled on the response.
     A chosen and a rejected row share their prompt: it runs once (model/shared_prefix.py)."""
-    from ..model.shared_prefix import shared_prefix_states
+    from ..model.shared_prefix import predicted_logits
 
     predicted = labels != IGNORE_INDEX
     prompt_lengths = predicted.int().argmax(dim=1) + 1               # the first scored position ends the prompt
-    states = shared_prefix_states(model, input_ids, attention_mask, predicted, prompt_lengths)
-    if states is not None:
-        logits = model.lm_head(states)                                                   # [N, V]
-    else:
-        logits = model(input_ids, attention_mask=attention_mask, logits_mask=predicted)  # [N, V]
+    logits, _ = predicted_logits(model, input_ids, attention_mask, predicted, prompt_lengths)     # [N, V]
     token_logps = token_logprobs(logits, labels[predicted])                              # [N]
     rows = predicted.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add(0, rows, token_logps)

@@ -98,17 +98,11 @@ def token_logps_and_hidden(model: nn.Module, rows: dict[str, torch.Tensor], hidd
     """One forward: (log p of each completion token [M], its logits [M, V], the final hidden states
     at those positions [M, d] if `hidden`), in row-major order; the output layer runs only there.
     Rows that share a prompt (a GRPO group) run it once when `rows` has prompt_lengths."""
-    from ..model.shared_prefix import shared_prefix_states
+    from ..model.shared_prefix import predicted_logits
 
     predicted = rows["labels"] != IGNORE_INDEX
-    states = (shared_prefix_states(model, rows["input_ids"], rows["attention_mask"], predicted, rows["prompt_lengths"])
-              if "prompt_lengths" in rows else None)
-    if states is not None:
-        logits = model.lm_head(states)
-    else:
-        output = model(rows["input_ids"], attention_mask=rows["attention_mask"], logits_mask=predicted,
-                       return_output=True)
-        logits, states = output.logits, (output.hidden_states[predicted] if hidden else None)
+    logits, states = predicted_logits(model, rows["input_ids"], rows["attention_mask"], predicted,
+                                      rows.get("prompt_lengths"))
     logps = token_logprobs(logits, rows["labels"][predicted])
     return logps, logits, states if hidden else None
 

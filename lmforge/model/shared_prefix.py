@@ -54,7 +54,7 @@ class SharedPrefixCache:
         return positions, self.prefix_lengths[self.owner] + length, self.prefix_width + length
 
     def commit(self, rows: torch.Tensor | None, new_lengths: torch.Tensor) -> None:
-        pass
+        """Nothing to advance: the two forwards keep no lengths."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None,
                positions: torch.Tensor, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,3 +137,16 @@ def shared_prefix_states(model: torch.nn.Module, input_ids: torch.Tensor, attent
     last_prompt = prefix_hidden[torch.arange(len(lengths), device=lengths.device), lengths - 1][owner]
     hidden = torch.cat([last_prompt[:, None], hidden], dim=1)                  # [B, 1 + Tc, d] at `source`
     return hidden[take]
+
+
+def predicted_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     predicted: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [M, V], final hidden states [M, d]) at the `predicted` positions, row-major: the shared
+    prompt forward when `prompt_lengths` is given and it applies, else the model's plain forward."""
+    states = (shared_prefix_states(model, input_ids, attention_mask, predicted, prompt_lengths)
+              if prompt_lengths is not None else None)
+    if states is not None:
+        return model.lm_head(states), states
+    output = model(input_ids, attention_mask=attention_mask, logits_mask=predicted, return_output=True)
+    return output.logits, output.hidden_states[predicted]
