@@ -10,8 +10,9 @@ is exactly the gradient of the duplicated rows ("shared-prefix forward", as in P
 Liu et al. 2025). With a GRPO step of 16 rows of ~43 prompt + 32 completion tokens and G = 8,
 the tokens through the model fall from 1,200 to ~600.
 
-    states = shared_prefix_states(model, input_ids, attention_mask, predicted, prompt_lengths)
-    # inside: cache = SharedPrefixCache(prompt lengths [P], owner [B])
+    logits, states = predicted_logits(model, ids, mask, predicted, prompt_lengths)   # [M, V], [M, d]
+    # shared_prefix_states, when it applies (else the plain forward):
+    #         cache = SharedPrefixCache(prompt lengths [P], owner [B])
     #         model.transformer(prompt_ids, kv_cache=cache)        phase 1: [P, Pmax], keys/values kept
     #         cache.continue_rows()
     #         model.transformer(continuation_ids, kv_cache=cache)  phase 2: [B, Tc] attends to its prompt
