@@ -64,7 +64,7 @@ def test_the_engine_prefills_a_shared_prompt_once_with_the_same_samples(tokenize
     assert engine.stats.prompt_tokens == len(prompt)
 
 
-@pytest.mark.parametrize("method, extra", [("grpo", dict(loss_type="bnpo")), ("rloo", dict(method="rloo")),
+@pytest.mark.parametrize("method, extra", [("grpo", dict(loss_type="bnpo", max_steps=18)), ("rloo", dict(method="rloo")),
                                            ("ppo", dict())])
 def test_each_method_raises_its_reward_end_to_end(tokenizer_dir, tmp_path, method, extra):
     prompts = write_prompts(tmp_path / "prompts.jsonl")

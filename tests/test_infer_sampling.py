@@ -80,7 +80,7 @@ def test_each_row_follows_its_own_settings_and_greedy_rows_are_untouched():
     assert alone.sample(logits[:1], torch.tensor([0]), [0])[0][0] == tokens[0]
 
 
-def test_gumbel_sampling_follows_the_softmax_distribution():
+def test_sampling_follows_the_softmax_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
     temperature, draws = 0.8, 4000
     params = SamplingParams(temperature=temperature)
@@ -90,6 +90,20 @@ def test_gumbel_sampling_follows_the_softmax_distribution():
     tokens, _, _ = sampler.sample(logits.expand(draws, -1), torch.arange(draws), list(range(draws)))
     frequencies = torch.bincount(tokens, minlength=len(logits)).float() / draws
     assert torch.allclose(frequencies, (logits / temperature).softmax(-1), atol=0.03)
+
+
+def test_filtered_tokens_are_never_drawn_even_at_the_ends_of_the_vocabulary():
+    """Inverse-CDF draws: a token of probability 0 (first, middle or last) never starts a CDF step."""
+    logits = torch.tensor([0.0, 3.0, 2.5, 1.0, 0.0])
+    draws = 2000
+    sampler = BatchSampler(draws, len(logits))
+    for row in range(draws):
+        sampler.assign(row, SamplingParams(temperature=1.0, top_k=3), [], seed=row)
+    tokens, _, _ = sampler.sample(logits.expand(draws, -1), torch.arange(draws), list(range(draws)))
+    counts = torch.bincount(tokens, minlength=len(logits))
+    assert counts[[0, 4]].sum() == 0 and (counts[1:4] > 0).all()
+    kept = logits[1:4].softmax(-1)
+    assert torch.allclose(counts[1:4].float() / draws, kept, atol=0.04)
 
 
 def test_logprobs_are_of_the_raw_distribution():
