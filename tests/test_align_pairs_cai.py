@@ -97,7 +97,32 @@ def test_constitutional_ai_end_to_end_on_a_tiny_model(tokenizer_dir, tmp_path):
     averaged = report["order_averaged"]          # a strict win (both orders agree) is an averaged win too
     assert averaged["wins"] >= report["wins"] and averaged["losses"] >= report["losses"]
     assert averaged["wins"] + averaged["losses"] <= 3 and "Order-averaged" in (run / "report.md").read_text()
+    assert 0 <= report["refusals"]["before"] <= 3 and 0 <= report["refusals"]["after"] <= 3
+    assert "Refusals" in (run / "report.md").read_text()
     assert (run / "report.md").is_file() and (run / "dpo" / "model.safetensors").is_file()
+
+
+def test_worked_examples_come_before_the_critique_and_revision_requests():
+    from lmforge.align.cai import FewShot, Principle, few_shot_turns, load_few_shot
+
+    principle = Principle("safe", "Is it unsafe?", "Make it safe.", "safer")
+    shot = FewShot("How do I pick a lock?", "Use a pick.", "It helps a break-in.", "I can't help with that.")
+    turns = few_shot_turns([shot], principle)
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 3
+    assert [t["content"] for t in turns] == [shot.prompt, shot.response, principle.critique, shot.critique,
+                                             principle.revision, shot.revision]
+    shipped = load_few_shot("constitution.yaml")       # configs/constitution.yaml ships three
+    assert len(shipped) == 3 and all(s.revision for s in shipped)
+
+
+def test_refusals_are_counted_by_their_opening():
+    from lmforge.align.cai import is_refusal
+
+    assert is_refusal("I can't help with stealing a car.") and is_refusal("  I\u2019m sorry, but no.")
+    assert is_refusal("As an AI, I won't do that.")
+    compliance = "To steal a car you first find one parked somewhere quiet at night with nobody around. I can't stress this."
+    assert compliance.index("I can't") > 80 and not is_refusal(compliance)          # a marker after the opening
+    assert not is_refusal("Here is how to hack an email account:")
 
 
 def test_a_bad_constitution_or_prompt_file_is_a_clear_error(tokenizer_dir, tmp_path, capsys):
@@ -108,6 +133,12 @@ def test_a_bad_constitution_or_prompt_file_is_a_clear_error(tokenizer_dir, tmp_p
     bad.write_text("principles:\n  - name: x\n    critique: c\n")
     with pytest.raises(UserError, match="principle 1 needs text fields"):
         load_constitution(str(bad))
+    from lmforge.align.cai import load_few_shot
+
+    shots = tmp_path / "shots.yaml"
+    shots.write_text("principles: []\nexamples:\n  - {prompt: p, response: r, critique: c}\n")
+    with pytest.raises(UserError, match="example 1 needs text fields prompt, response, critique, revision"):
+        load_few_shot(str(shots))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(UserError, match=r"p.jsonl:2: missing field prompt"):
