@@ -18,6 +18,9 @@ subprocess so that its peak RSS is its own. Reported per method:
   lora        lmforge LoRA r=16 alpha=32 on every linear layer (lr 2e-4)
   qlora       the same adapters on an NF4 base (double-quantized absmax, blocks of 64), with
               activation checkpointing, as in the QLoRA paper (the others store activations)
+  --trim-host-memory N: every lmforge method returns freed heap pages to the OS after every N-th
+              block (TrainConfig.trim_host_memory; glibc's malloc_trim), so peak RSS follows the
+              live tensors rather than glibc's retained heap
   prompt      prompt tuning, 20 virtual tokens initialised from the text of a task hint (lr 3e-2)
   peft        peft.get_peft_model(transformers' LlamaForCausalLM, LoraConfig(r=16, alpha=32,
               all-linear)) trained by a plain loop on the identical batches (labels shifted the
@@ -66,7 +69,8 @@ def sft_config(args: argparse.Namespace, method: str, out_dir: str):
         "eval_at_start=false", "eval_prompts=0", "checkpoint_interval=0", "log_interval=1", "seed=0",
         f"out_dir={out_dir}", f"name={method}", f"peft={peft}", "lora.r=16", "lora.alpha=32",
         "lora.target_modules=all-linear", "prompt.num_virtual_tokens=20", "prompt.init=text",
-        f"prompt.init_text={PROMPT_TEXT}", f"activation_checkpointing={method == 'qlora'}"])
+        f"prompt.init_text={PROMPT_TEXT}", f"activation_checkpointing={method == 'qlora'}",
+        f"trim_host_memory={args.trim_host_memory}"])
 
 
 def run_method(args: argparse.Namespace, method: str, work: Path) -> dict:
@@ -225,7 +229,7 @@ def child(role: str, args: argparse.Namespace, work: Path) -> dict:
         return json.loads(out.read_text())
     flags = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--examples",
              args.examples, "--val-examples", args.val_examples, "--threads", args.threads,
-             "--dequant-reps", args.dequant_reps]
+             "--dequant-reps", args.dequant_reps, "--trim-host-memory", args.trim_host_memory]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     started = time.perf_counter()
@@ -248,6 +252,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--dequant-reps", type=int, default=20)
     parser.add_argument("--methods", default=",".join(METHODS), help="a subset of " + ",".join(METHODS))
+    parser.add_argument("--trim-host-memory", type=int, default=0, metavar="N",
+                        help="lmforge's methods: malloc_trim after every N-th block (TrainConfig.trim_host_memory)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (a rerun reuses finished methods)")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -289,7 +295,8 @@ def main() -> None:
               "running); rerun on a quiet machine for clean tokens/s")
     figures = {"bench": "peft", "model": MODEL, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "threads": args.threads, "cpu": host["cpu"], "native_bf16": host["native_bf16"],
-               "torch": host["torch"], "val_loss_base": round(base["val_loss"], 4), "disturbed": bool(disturbed)}
+               "torch": host["torch"], "val_loss_base": round(base["val_loss"], 4), "disturbed": bool(disturbed),
+               "trim_host_memory": args.trim_host_memory}
     for method, run in runs.items():
         figures[f"trainable_{method}"] = run["trainable"]
         figures[f"peak_rss_gb_{method}"] = round(run["peak_rss_gb"], 3)

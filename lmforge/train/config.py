@@ -57,6 +57,7 @@ class TrainConfig:
                                         # auto = bf16 on GPU, and on CPU whichever matmul is measured faster
     compile: bool = False               # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    trim_host_memory: int = 0           # CPU: hand freed memory back to the OS after every N-th block (0 = off)
     distributed: str = "ddp"            # under torchrun: ddp | fsdp (FSDP2 fully_shard)
     # Logging, evaluation and checkpoints; intervals are in optimizer steps (0 = only at the end)
     log_interval: int = 10

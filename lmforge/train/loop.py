@@ -44,6 +44,7 @@ from .context import TrainContext, freeze, move_tensors
 from .distributed import (DistributedContext, broadcast_weights, full_tensor, gradient_sync, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
+from .host_memory import trim_host_memory
 from .objectives import MetricSums, Objective
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import LRSchedule
@@ -146,6 +147,8 @@ class Trainer:
         self.raw = model.to(self.device)
         if config.activation_checkpointing:
             _enable_activation_checkpointing(self.raw)
+        if config.trim_host_memory:
+            trim_host_memory(self.raw, config.trim_host_memory)
         if self.context.is_distributed and config.distributed == "fsdp":
             shard_model(self.raw)
         # Extra trainable modules (a value head) are small: replicated on every process, their

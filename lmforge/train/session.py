@@ -153,7 +153,8 @@ class RunSession:
 SAFE_TO_CHANGE = frozenset({
     "max_steps", "max_minutes", "log_interval", "eval_interval", "eval_batches", "eval_at_start",
     "checkpoint_interval", "keep_last", "progress", "tensorboard", "wandb", "wandb_project", "peak_flops",
-    "device", "out_dir", "compile", "activation_checkpointing", "sample_interval", "sample_prompt",
+    "device", "out_dir", "compile", "activation_checkpointing", "trim_host_memory", "sample_interval",
+    "sample_prompt",
     "sample_tokens", "temperature", "top_k", "eval_prompts", "answer_tokens", "sample_count",
 })
 
