@@ -44,7 +44,7 @@ from .context import TrainContext, freeze, move_tensors
 from .distributed import (DistributedContext, broadcast_weights, full_tensor, gradient_sync, shard_model,
                           wrap_data_parallel)
 from .ema import EMA
-from .host_memory import trim_host_memory
+from .memory import apply_memory_options
 from .objectives import MetricSums, Objective
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import LRSchedule
@@ -145,10 +145,7 @@ class Trainer:
         # raw: the module whose parameters are trained (sharded in place by FSDP);
         # inner: raw, compiled if asked; model: inner under DDP, what the objective calls.
         self.raw = model.to(self.device)
-        if config.activation_checkpointing:
-            _enable_activation_checkpointing(self.raw)
-        if config.trim_host_memory:
-            trim_host_memory(self.raw, config.trim_host_memory)
+        apply_memory_options(self.raw, config)
         if self.context.is_distributed and config.distributed == "fsdp":
             shard_model(self.raw)
         # Extra trainable modules (a value head) are small: replicated on every process, their
@@ -438,16 +435,6 @@ class StepStats:
     grad_norm: float             # global gradient norm before clipping
     tokens: int                  # input tokens of the step (all processes)
     lr: float
-
-
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    """Turn on the model's own switch (lmforge's Transformer has `gradient_checkpointing`)."""
-    switches = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
-    if not switches:
-        raise UserError(f"{type(model).__name__} has no gradient_checkpointing switch; "
-                        "set activation_checkpointing=false")
-    for module in switches:
-        module.gradient_checkpointing = True
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,6 +1,8 @@
-"""Give freed host memory back to the operating system during training (glibc's `malloc_trim`).
+"""The training switches that trade speed for memory: activation checkpointing, and handing freed
+host memory back to the operating system (glibc's `malloc_trim`).
 
-    trim_host_memory(model, every=3)      # TrainConfig(trim_host_memory=3) does this
+    apply_memory_options(model, config)   # what the Trainer does with the two TrainConfig fields
+    trim_host_memory(model, every=3)      # TrainConfig(trim_host_memory=3)
 
 Why. On CPU every tensor comes from glibc's malloc. A training step allocates and frees hundreds
 of 1-30 MB activations whose lifetimes interleave (a block's recompute in backward, the
@@ -38,6 +40,24 @@ def malloc_trim() -> bool:
     """Return freed heap pages to the OS; False where the C library cannot (then nothing happens)."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on the model's own switch (lmforge's Transformer has `gradient_checkpointing`)."""
+    switches = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    if not switches:
+        raise UserError(f"{type(model).__name__} has no gradient_checkpointing switch; "
+                        "set activation_checkpointing=false")
+    for module in switches:
+        module.gradient_checkpointing = True
+
+
+def apply_memory_options(model: nn.Module, config: Any) -> None:
+    """TrainConfig's activation_checkpointing and trim_host_memory, applied to the trained module."""
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if config.trim_host_memory:
+        trim_host_memory(model, config.trim_host_memory)
 
 
 def trim_host_memory(model: nn.Module, every: int) -> list[Any]:
