@@ -15,8 +15,25 @@ SHAPES = [(64, 64), (33, 70), (5, 7), (257, 129), (3,), (2, 3, 100)]   # sizes o
 
 
 def _bnb(w: torch.Tensor, double_quant: bool):
+    """bitsandbytes' packed bytes, quant state and dequantized weight for `w`.
+
+    The dequantized weight comes from bitsandbytes' public `dequantize_4bit`, except for shapes whose
+    last dimension is not a multiple of the block: there its AVX-512 C kernel disagrees with its own
+    portable implementation (e.g. 40 x 96: rows 1+ read the wrong absmax; the AVX2 kernel agrees),
+    so those use the portable one. Real Linear layers (in_features 576, 1536, ...) are multiples."""
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-    return packed, state, bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+    if w.dim() < 2 or w.shape[-1] % 64 == 0:
+        return packed, state, bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    with torch._dynamo.config.patch(disable=True):         # bitsandbytes compiles it per shape
+        ref = _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), _get_4bit_code("nf4", w.device),
+                                       64, state.shape, state.dtype)
+    return packed, state, ref
 
 
 def test_code_book_is_bitsandbytes_nf4():

@@ -200,7 +200,7 @@ def sft_arguments(model: str, data: str, out_dir: str, name: str, **extra) -> li
     settings = dict(model=model, data=data, out_dir=out_dir, name=name, seq_len=64, batch_size=4, max_steps=4,
                     lr=3e-3, warmup_steps=0, schedule="constant", log_interval=1, eval_interval=4,
                     checkpoint_interval=4, val_examples=8, eval_prompts=2, answer_tokens=4, progress=False,
-                    peak_flops=1e12)
+                    peak_flops=1e12, precision="fp32")   # auto picks bf16 on CPUs with AMX: keep runs comparable
     settings.update(extra)
     return ["sft", *(f"{key}={value}" for key, value in settings.items())]
 
