@@ -1,7 +1,8 @@
 """Quantized decode on SmolLM2-135M-Instruct: batch-1 decode tokens/s and held-out perplexity per
 method, against transformers fp32 and transformers' best CPU option, in the same run.
 
-lmforge: fp32, bf16 (--dtype bf16), weight-only int8, Q4_0 and NF4 (--quantize), eager or with the
+lmforge: fp32, bf16 (--dtype bf16), weight-only int8, Q4_0, Q4_1 and NF4 (--quantize), Q4_0 and NF4
+with activation-aware rounding (q4_0-cal / nf4-cal: --calibrate N), eager or with the
 compiled decode step (--compile). transformers reads the same GGUF; its options: fp32, bf16, and
 torch.compile of the fp32 model (--hf-compile, its static cache). Every side generates exactly
 --new-tokens greedy tokens from the same prompt; best of --repeats. Perplexity: the held-out
@@ -9,7 +10,8 @@ Shakespeare play (lmforge.quant.lab), --ppl-tokens tokens in windows of 256. Tar
 decode >= 2.5x transformers fp32 and >= 1.5x transformers' best; perplexity within 2% of fp32
 for int8 and 8% for 4-bit. Ends with one JSON line.
 
-    python benchmarks/bench_quant.py [--methods fp32,bf16,int8,q4_0,q4_1,nf4] [--compile] [--hf-compile]
+    python benchmarks/bench_quant.py [--methods fp32,bf16,int8,q4_0,q4_0-cal,q4_1,nf4,nf4-cal] [--compile]
+                                     [--hf-compile] [--calibrate 4096]
                                      [--new-tokens 32] [--ppl-tokens 1025] [--threads 1]
 """
 from __future__ import annotations
@@ -85,13 +87,15 @@ def hf_decode(model, prompt_ids, new_tokens, repeats, compile: bool = False) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="fp32,bf16,int8,q4_0,q4_1,nf4")
+    parser.add_argument("--methods", default="fp32,bf16,int8,q4_0,q4_0-cal,q4_1,nf4,nf4-cal")
     parser.add_argument("--compile", action="store_true", help="also run lmforge's compiled decode step")
     parser.add_argument("--hf-compile", action="store_true", help="also run transformers with torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=1025, help="0 = skip perplexity (lmforge quantize reports it)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibrate", type=int, default=4096,
+                        help="Wikipedia tokens for the -cal methods (activation-aware rounding)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -126,10 +130,16 @@ def main() -> None:
     for method in args.methods.split(","):
         model = lmforge.load("smollm2-135m-instruct")[0] if method != "fp32" else base
         dtype = "bf16" if method == "bf16" else "fp32"
-        model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method)
+        calibrate = args.calibrate if method.endswith("-cal") else 0     # q4_0-cal: --quantize q4_0 --calibrate N
+        start = time.perf_counter()
+        model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method.removesuffix("-cal"),
+                                calibrate=calibrate, tokenizer=tokenizer)
+        if calibrate:
+            figures[f"{method}_quantize_s"] = round(time.perf_counter() - start, 1)
+            figures["calibration_tokens"] = calibrate
         ppl = perplexity(model, ppl_ids) if ppl_ids else float("nan")
         ppl_fp32 = ppl if method == "fp32" and ppl_ids else ppl_fp32
-        for compile in (False, True) if args.compile and method != "nf4" else (False,):
+        for compile in (False, True) if args.compile and not method.startswith("nf4") else (False,):
             speed, compile_s = ours_decode(model, tokenizer, prompt_ids, args.new_tokens, args.repeats, compile)
             mode = "compiled" if compile else "eager"
             rows.append(("lmforge", method, mode, speed, ppl))
@@ -148,11 +158,11 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct decode at batch 1, {args.new_tokens} new tokens, {args.threads} thread(s), "
           f"best of {args.repeats}; CPU: {figures['cpu']}")
     print(f"perplexity: held-out Shakespeare, {len(ppl_ids)} tokens")
-    print(f"{'side':<13} {'method':<6} {'mode':<9} {'tok/s':>7} {'vs hf fp32':>11} {'vs hf best':>11} {'ppl':>8} {'ppl/fp32':>9}")
+    print(f"{'side':<13} {'method':<8} {'mode':<9} {'tok/s':>7} {'vs hf fp32':>11} {'vs hf best':>11} {'ppl':>8} {'ppl/fp32':>9}")
     for side, method, mode, speed, ppl in rows:
         ppl_text = "-" if ppl is None else f"{ppl:.2f}"
         ratio = "-" if ppl is None or ppl_fp32 is None else f"{ppl / ppl_fp32:.4f}"
-        print(f"{side:<13} {method:<6} {mode:<9} {speed:>7.2f} {speed / hf_fp32:>10.2f}x {speed / hf_best:>10.2f}x "
+        print(f"{side:<13} {method:<8} {mode:<9} {speed:>7.2f} {speed / hf_fp32:>10.2f}x {speed / hf_best:>10.2f}x "
               f"{ppl_text:>8} {ratio:>9}")
     print(json.dumps(figures))
 

@@ -15,11 +15,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_lab_writes_report_and_png(tmp_path, capsys):
     out = tmp_path / "lab"
     code = main(["quantize", "--model", str(tiny_model_dir()), "--out", str(out), "--census-tokens", "64",
-                 "--ppl-tokens", "129", "--methods", "fp32,llm-int8,llm-int8-nodecomp,int8,q4_0"])
+                 "--ppl-tokens", "129", "--methods", "fp32,llm-int8,llm-int8-nodecomp,int8,q4_0,q4_0-cal",
+                 "--calibrate", "256"])
     assert code == 0
     report = (out / "report.md").read_text()
     assert "| transformer.blocks.0.attn.qkv | 64 |" in report
-    for label in ("fp32", "llm-int8", "llm-int8-nodecomp", "int8", "q4_0"):
+    assert "on 256 Wikipedia tokens" in report
+    for label in ("fp32", "llm-int8", "llm-int8-nodecomp", "int8", "q4_0", "q4_0-cal"):
         assert f"| {label} | " in report
     assert "| fp32 | " in report and "| 1.0000 |" in report
     assert (out / "outliers.png").read_bytes()[:4] == b"\x89PNG"

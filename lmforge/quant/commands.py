@@ -22,7 +22,9 @@ ROWS = {
     "llm-int8-nodecomp": ("llm-int8", 0.0),
     "int8": ("int8", 6.0),
     "nf4": ("nf4", 6.0),
+    "nf4-cal": ("nf4", 6.0),          # "-cal": block scales weighted by calibration activations
     "q4_0": ("q4_0", 6.0),
+    "q4_0-cal": ("q4_0", 6.0),
     "q4_1": ("q4_1", 6.0),
 }
 
@@ -39,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--census-tokens", type=int, default=512, help="held-out tokens the outlier census reads")
     parser.add_argument("--ppl-tokens", type=int, default=1025, help="held-out tokens for perplexity (windows of 256)")
     parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--calibrate", type=int, default=4096, metavar="TOKENS",
+                        help="Wikipedia tokens whose activations weight the rounding of the -cal rows")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(func=run)
 
@@ -73,12 +77,18 @@ def run(args: argparse.Namespace) -> int:
     ids = heldout_shakespeare_ids(tokenizer, max(args.census_tokens, args.ppl_tokens))
     print(f"outlier census on {args.census_tokens} held-out tokens ...", file=sys.stderr)
     census = outlier_census(model, ids[: args.census_tokens], args.threshold)
+    calibration = None
+    if any(label.endswith("-cal") for label in methods):
+        from .calibrate import calibration_ids
+
+        calibration = calibration_ids(tokenizer, args.calibrate)
     results = []
     for label in methods:
         method, threshold = ROWS[label]
         threshold = args.threshold if threshold else 0.0
         start = time.perf_counter()
-        ppl = perplexity(quantized_copy(model, method, threshold), ids[: args.ppl_tokens])
+        quantized = quantized_copy(model, method, threshold, calibration if label.endswith("-cal") else None)
+        ppl = perplexity(quantized, ids[: args.ppl_tokens])
         results.append((label, ppl))
         print(f"{label:<18} perplexity {ppl:8.3f}  ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     report = render_report(args, census, results)
@@ -119,6 +129,9 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
     for label, ppl in results:
         ratio = f"{ppl / base:.4f}" if base else "-"
         lines.append(f"| {label} | {ppl:.3f} | {ratio} |")
+    if any(label.endswith("-cal") for label, _ in results):
+        lines += ["", f"-cal: the same format, each block's scale chosen for the smallest rounding error weighted "
+                  f"by the inputs' mean square on {args.calibrate} Wikipedia tokens (lmforge.quant.calibrate)."]
     return "\n".join(lines) + "\n"
 
 

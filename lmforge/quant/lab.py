@@ -122,9 +122,13 @@ def outlier_census(model: nn.Module, ids: list[int], threshold: float = 6.0) -> 
     return census
 
 
-def quantized_copy(model: nn.Module, method: str, threshold: float = 6.0) -> nn.Module:
-    """A deep copy of `model` with `method` applied ("fp32" = the copy unchanged)."""
+def quantized_copy(model: nn.Module, method: str, threshold: float = 6.0,
+                   calibration_ids: list[int] | None = None) -> nn.Module:
+    """A deep copy of `model` with `method` applied ("fp32" = the copy unchanged); with
+    `calibration_ids`, nf4 / q4_0 round activation-aware (lmforge.quant.calibrate)."""
     from .quantize import quantize_model
 
     clone = copy.deepcopy(model)
-    return clone if method == "fp32" else quantize_model(clone, method, threshold=threshold)
+    if method == "fp32":
+        return clone
+    return quantize_model(clone, method, threshold=threshold, calibration_ids=calibration_ids)

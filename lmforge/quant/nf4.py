@@ -99,12 +99,14 @@ def dynamic_code() -> torch.Tensor:
 
 # -- blockwise absmax quantization, any sorted code book ----------------------------------------
 
-def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(absmax per block [nblocks], values scaled into [-1, 1] [n]) of a flat float32 tensor."""
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int,
+                      scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax per block [nblocks], values scaled into [-1, 1] [n]) of a flat float32 tensor.
+    `scale` [nblocks] replaces the absmax (values beyond it clamp to +-1)."""
     n = flat.numel()
     nblocks = -(-n // blocksize)
     padded = F.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
-    absmax = padded.abs().amax(dim=1)
+    absmax = padded.abs().amax(dim=1) if scale is None else scale.float().reshape(nblocks)
     # multiply by the reciprocal (as bitsandbytes does); an all-zero block scales to zeros
     scaled = padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
     return absmax, scaled.clamp(-1, 1).reshape(-1)[:n]
@@ -197,8 +199,12 @@ class NF4Tensor:
                          move(self.absmax_scale), move(self.absmax_offset), self.absmax_blocksize)
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """Quantize `weight` (float32/16, bfloat16; any shape) to NF4 with one absmax per `blocksize`."""
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 scale: Optional[torch.Tensor] = None) -> NF4Tensor:
+    """Quantize `weight` (float32/16, bfloat16; any shape) to NF4 with one absmax per `blocksize`.
+
+    `scale` [nblocks]: per-block scales to store instead of the absmax (`calibrate.nf4_block_scales`
+    picks them from activations); the format is unchanged, so bitsandbytes still reads it."""
     if not weight.is_floating_point():
         raise UserError(f"quantize_nf4 needs a floating-point weight, got {weight.dtype}; "
                         "pass the float weight")
@@ -207,7 +213,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.numel() == 0:
         raise UserError("quantize_nf4 got an empty weight; pass a weight with at least one value")
     flat = weight.detach().reshape(-1).float()
-    absmax, scaled = _blockwise_absmax(flat, blocksize)
+    if scale is not None and scale.numel() != -(-flat.numel() // blocksize):
+        raise UserError(f"scale has {scale.numel()} values for {-(-flat.numel() // blocksize)} blocks of {blocksize}")
+    absmax, scaled = _blockwise_absmax(flat, blocksize, scale)
     idx = _nearest_index(scaled, _nf4_code_cached(NF4_OFFSET).to(flat.device))
     if idx.numel() % 2:
         idx = F.pad(idx, (0, 1), value=7)   # the padding nibble is code 0 (index 7): scaled 0.0
@@ -256,8 +264,9 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
-        q = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    scale: Optional[torch.Tensor] = None) -> "NF4Linear":
+        q = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant, scale=scale)
         return cls(q, linear.bias)
 
     @property

@@ -20,7 +20,7 @@ int8 unless head_bits=4: the logits are the most sensitive matmul, as in llama.c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class QuantSummary:
     kept: list[str] = field(default_factory=list)     # left in float (shape not supported)
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
+    calibration_tokens: int = 0                       # 0 = round to nearest
 
 
 def check_method(method: str) -> str:
@@ -54,8 +55,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantize_linear(linear: nn.Linear, method: str, threshold: float = 6.0, fast: bool = True) -> nn.Module:
-    """The quantized replacement of one nn.Linear."""
+def quantize_linear(linear: nn.Linear, method: str, threshold: float = 6.0, fast: bool = True,
+                    importance: Optional[torch.Tensor] = None) -> nn.Module:
+    """The quantized replacement of one nn.Linear. `importance` [in] (E[x^2] per input feature)
+    makes nf4 and q4_0 pick their block scales activation-aware (lmforge.quant.calibrate)."""
+    from .calibrate import nf4_block_scales, q4_0_weighted
     from .int8 import Int8Linear
     from .nf4 import NF4Linear
     from .weight_only import Q4_GROUP, Int8WeightLinear, Q4Linear
@@ -65,11 +69,15 @@ def quantize_linear(linear: nn.Linear, method: str, threshold: float = 6.0, fast
     if method == "llm-int8":
         return Int8Linear.from_linear(linear, threshold=threshold)
     if method == "nf4":
-        return NF4Linear.from_linear(linear)
+        scale = None if importance is None else nf4_block_scales(linear.weight, importance)
+        return NF4Linear.from_linear(linear, scale=scale)
     if linear.in_features % Q4_GROUP:
         raise UserError(f"in_features {linear.in_features} is not a multiple of {Q4_GROUP}")
     if method == "q4_1":
         return Q4Linear.from_linear_q4_1(linear, fast=fast)
+    if importance is not None:
+        codes, scales = q4_0_weighted(linear.weight, importance, Q4_GROUP)
+        return Q4Linear(codes, scales, None, linear.bias, fast)
     return Q4Linear.from_linear(linear, fast=fast)
 
 
@@ -79,24 +87,38 @@ def _stored_bytes(module: nn.Module) -> int:
 
 
 FOUR_BIT = ("nf4", "q4_0", "q4_1")
+CALIBRATED = ("nf4", "q4_0")                          # the methods activation-aware rounding applies to
 
 
 def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fast: bool = True,
-                   return_summary: bool = False, head_bits: Literal[4, 8] = 8):
+                   return_summary: bool = False, head_bits: Literal[4, 8] = 8,
+                   calibration_ids: Optional[list[int]] = None):
     """Replace each nn.Linear of `model` (in place) by its `method` version; returns the model
-    (and a QuantSummary when return_summary). The model should be in float32 or bfloat16."""
+    (and a QuantSummary when return_summary). The model should be in float32 or bfloat16.
+    `calibration_ids` (nf4, q4_0): token ids whose activations weight each block's rounding error
+    (`calibrate.calibration_ids(tokenizer)` gives Wikipedia text); None = round to nearest."""
     check_method(method)
     summary = QuantSummary(method)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not targets:
         raise UserError("the model has no nn.Linear layers to quantize; pass an lmforge model")
+    importance: dict[str, torch.Tensor] = {}
+    if calibration_ids is not None:
+        if method not in CALIBRATED:
+            raise UserError(f"calibration applies to {' and '.join(CALIBRATED)}, not '{method}'; "
+                            "leave the calibration out for it")
+        from .calibrate import input_importance
+
+        importance = input_importance(model, calibration_ids)
+        summary.calibration_tokens = len(calibration_ids)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         before = linear.weight.numel() * linear.weight.element_size()
         try:
             head_int8 = name == "lm_head" and method in FOUR_BIT and head_bits == 8
-            replacement = quantize_linear(linear, "int8" if head_int8 else method, threshold, fast)
+            replacement = quantize_linear(linear, "int8" if head_int8 else method, threshold, fast,
+                                          None if head_int8 else importance.get(name))
         except UserError:
             summary.kept.append(name)
             continue
@@ -109,11 +131,25 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
     return (model, summary) if return_summary else model
 
 
-def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
-    """What `--dtype` and `--quantize` do to a loaded model: cast the float weights to `dtype`
-    (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them)."""
+def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None,
+                    calibrate: int = 0, tokenizer=None) -> nn.Module:
+    """What `--dtype`, `--quantize` and `--calibrate` do to a loaded model: cast the float weights
+    to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them),
+    nf4 / q4_0 rounding weighted by the activations of `calibrate` Wikipedia tokens (0 = off)."""
+    if calibrate < 0:
+        raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
+    if calibrate and quantize not in CALIBRATED:
+        raise UserError(f"--calibrate applies to --quantize {' or '.join(CALIBRATED)}; "
+                        f"add one of them, or leave --calibrate out")
     if dtype is not None and dtype != "fp32":
         model = model.to(parse_dtype(dtype))
     if quantize is not None:
-        model = quantize_model(model, check_method(quantize))
+        ids = None
+        if calibrate:
+            from .calibrate import calibration_ids
+
+            if tokenizer is None:
+                raise UserError("--calibrate needs the model's tokenizer; pass a model that has one")
+            ids = calibration_ids(tokenizer, calibrate)
+        model = quantize_model(model, check_method(quantize), calibration_ids=ids)
     return model
