@@ -5,6 +5,7 @@
     layer = NF4Linear.from_linear(linear)      # frozen 4-bit weight, dequantized in forward
     layer = Int8Linear.from_linear(linear)     # LLM.int8(): int8 x int8 + fp outlier columns
     model = quantize_model(model, "q4_0")      # int8 | llm-int8 | nf4 | q4_0, every nn.Linear
+    model = quantize_model(model, "q4_0", calibration_ids=calibration_ids(tokenizer))  # activation-aware
 
 Names are imported on first use, so importing lmforge.quant does not load torch.
 """
@@ -24,6 +25,7 @@ _LAZY = {
     "Int8WeightLinear": "lmforge.quant.weight_only",
     "Q4Linear": "lmforge.quant.weight_only",
     "quantize_model": "lmforge.quant.quantize",
+    "calibration_ids": "lmforge.quant.calibrate",
 }
 
 __all__ = sorted(_LAZY)

@@ -11,6 +11,10 @@ Methods:
 - "q4_1":     llama.cpp's Q4_1, blocks of 32, scale and min: the bundled SmolLM2 GGUF is Q4_1, so
               this gives back its exact 4-bit weights (its "packed GGUF" path, with no GGUF plumbing)
 
+Activation-aware rounding (nf4, q4_0): `quantize_model(model, "q4_0", calibration_ids=ids)` picks
+each block's scale by the rounding error weighted by the inputs' mean square on `ids` (the CLI's
+`--calibrate N` uses N Wikipedia tokens); same format, lmforge.quant.calibrate explains it.
+
 The output layer is quantized too (with tied embeddings it gets its own quantized copy; the input
 embedding stays in float, since a lookup reads one row per token). With a 4-bit method it gets
 int8 unless head_bits=4: the logits are the most sensitive matmul, as in llama.cpp, which keeps
