@@ -27,7 +27,7 @@ def _arguments(command: str, tokenizer_dir: str, prompts, out_dir, name: str, **
     settings = dict(model="nano", tokenizer=tokenizer_dir, prompts=prompts, out_dir=out_dir, name=name,
                     rewards="[rl_support:letter_e]", num_generations=4, batch_size=8, max_new_tokens=12, max_steps=12,
                     lr=1e-2, schedule="constant", eval_interval=6, checkpoint_interval=6, val_prompts=8,
-                    eval_samples=1, progress=False)
+                    eval_samples=1, progress=False, precision="fp32")   # auto picks bf16 where the CPU has it
     if command == "ppo":
         settings.update(num_generations=1, beta=0.001, lam=1.0, num_iterations=1, steps_per_generation=1, max_steps=20,
                         eval_interval=10, checkpoint_interval=10)

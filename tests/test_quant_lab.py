@@ -33,6 +33,9 @@ def test_census_finds_a_planted_outlier_feature():
     threshold = 50.0                                     # above anything the trained tiny model has
     assert outlier_census(model, ids, threshold).systematic == []
     with torch.no_grad():                                # dimension 5 of the normed input to every block
+        # Every token's residual gets a large dim 5 (how real outlier features look), so that the
+        # normed value is large for all tokens whatever the trained weights (they differ by CPU).
+        model.transformer.embed_tokens.weight[:, 5] += 30.0
         for block in model.transformer.blocks:
             block.attn_norm.weight[5] = 1e4
             block.mlp_norm.weight[5] = 1e4
