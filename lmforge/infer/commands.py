@@ -17,9 +17,11 @@ from ..errors import UserError
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="REF",
                         help="a run/checkpoint dir, an HF dir, a .gguf file, a preset, or smollm2-135m-instruct")
-    parser.add_argument("--adapter", default=None, metavar="DIR",
+    parser.add_argument("--adapter", action="append", default=None, metavar="DIR",
                         help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), "
-                             "merged into the model once at load time")
+                             "merged into the model once at load time. lmforge serve also takes NAME=DIR, "
+                             "repeatable: each adapter is served unmerged under model id NAME, and requests for "
+                             "different adapters (and the base) decode in one batch")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; small models on a busy machine are often fastest with 1")
@@ -90,11 +92,13 @@ def model_name(ref: str) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
-def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len: int | None = None) -> Any:
+def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len: int | None = None,
+                several: bool = False) -> Any:
     """Load `--model` onto `--device` and wrap it in an Engine.
 
     `args` needs model, device and context_policy; threads and compile are optional (other
-    commands, e.g. `lmforge web`, reuse this without those flags).
+    commands, e.g. `lmforge web`, reuse this without those flags). `several`: NAME=DIR adapters
+    are loaded side by side, one chosen per request (lmforge serve).
     """
     import torch
 
@@ -115,8 +119,7 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     if max_seq_len is not None and max_seq_len < 1:
         raise UserError(f"--max-seq-len {max_seq_len} is below 1; use a positive context length, or leave it out")
     model, tokenizer = load(args.model, device=device)
-    if getattr(args, "adapter", None):
-        model = merge_adapter(model, args.adapter)
+    model = add_adapters(model, getattr(args, "adapter", None), several)
     if tokenizer is None:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
@@ -132,6 +135,26 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
                   max_seq_len=max_seq_len, compile=getattr(args, "compile", False),
                   prompt_lookup=getattr(args, "prompt_lookup", 0) or 0)
+
+
+def add_adapters(model: Any, values: list[str] | str | None, several: bool) -> Any:
+    """The `--adapter` values applied: one bare DIR is merged in; NAME=DIR entries (`several`:
+    lmforge serve) are loaded unmerged, one per request (lmforge/peft/multi_lora.py)."""
+    from ..peft.multi_lora import load_adapters, parse_adapter_arguments
+
+    adapters = parse_adapter_arguments(values)
+    if not adapters:
+        return model
+    if len(adapters) == 1 and (adapters[0][0] is None or not several):
+        return merge_adapter(model, adapters[0][1])
+    if not several:
+        raise UserError(f"--adapter was given {len(adapters)} times, but this command runs one model; serve "
+                        "several adapters with lmforge serve --adapter NAME=DIR ..., or pass one --adapter")
+    unnamed = [directory for name, directory in adapters if name is None]
+    if unnamed:
+        raise UserError(f"--adapter '{unnamed[0]}' has no name; with several adapters give each as NAME=DIR "
+                        "(the model id that requests use)")
+    return load_adapters(model, {name: directory for name, directory in adapters}).eval()
 
 
 def merge_adapter(model: Any, adapter_dir: str) -> Any:

@@ -94,11 +94,14 @@ class Engine:
         self.waiting = FairQueue()
         self._running_groups: collections.Counter = collections.Counter()   # group -> rows it holds
         self.stats = EngineStats()
+        self.adapters = getattr(model, "adapter_set", None)   # several LoRA adapters, one per request
+        if self.adapters is not None:
+            self.adapters.reserve(max_batch_size)
         self.static_step = None
         if compile:
             start = time.perf_counter()
             self.static_step = StaticDecodeStep(model, self.cache, compile=True)
-            with eval_mode(model), torch.inference_mode():
+            with eval_mode(model), torch.inference_mode(), self.routed([0] * max_batch_size, mixed=True):
                 self.static_step(torch.zeros(max_batch_size, dtype=torch.long, device=self.device))   # compile now
             self.stats.compile_seconds = time.perf_counter() - start
         self._lock = threading.RLock()
@@ -107,8 +110,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------- public API
 
-    def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
-                 ) -> list[GenerationResult]:
+    def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None,
+                 adapter: str | None = None) -> list[GenerationResult]:
         """Generate for several prompts (text or token ids) at once, in one batch (one group).
 
         Raises GenerationError if generating any of them failed inside the engine."""
@@ -118,7 +121,7 @@ class Engine:
         sequences: list[Sequence] = []
         try:
             for prompt in prompts:
-                sequences.append(self.submit(prompt, params, group=group))
+                sequences.append(self.submit(prompt, params, group=group, adapter=adapter))
             while not all(sequence.finished for sequence in sequences):
                 self.step()
         finally:
@@ -128,9 +131,10 @@ class Engine:
             sequence.raise_if_failed()
         return [sequence.result() for sequence in sequences]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[str]:
         """Yield text increments as they are generated (whole characters only)."""
-        return self.stream_sequence(self.submit(prompt, params))
+        return self.stream_sequence(self.submit(prompt, params, adapter=adapter))
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
         """Stream the assistant's reply to a conversation rendered with the model's chat template.
@@ -145,12 +149,15 @@ class Engine:
         return next(self._groups)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               on_update: Callable[[Sequence], None] | None = None, group: Hashable | None = None) -> Sequence:
+               on_update: Callable[[Sequence], None] | None = None, group: Hashable | None = None,
+               adapter: str | None = None) -> Sequence:
         """Queue a request; it starts at a later `step()`. Raises UserError for bad input.
 
         Sequences of one `group` (a request's prompts and choices) share the rows the fair
-        scheduler gives that group; without one, the sequence is a group of its own."""
+        scheduler gives that group; without one, the sequence is a group of its own. `adapter`
+        names one of the model's LoRA adapters (None: the base model)."""
         params = (params or SamplingParams()).validate()
+        adapter_id = self.adapter_id(adapter)
         prompt_ids = self.prepare_prompt(prompt, params.max_new_tokens)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)))
         stop_ids = frozenset(params.stop_token_ids)
@@ -158,10 +165,25 @@ class Engine:
             stop_ids |= self.end_token_ids
         sequence = Sequence(id=next(self._ids), prompt_ids=prompt_ids, params=params, stop_ids=stop_ids,
                             text=TextStream(self.tokenizer, prompt_ids, params.stop), seed=seed, on_update=on_update,
-                            group=self.new_group() if group is None else group)
+                            group=self.new_group() if group is None else group, adapter=adapter_id)
         with self._lock:
             self.waiting.append(sequence)
         return sequence
+
+    def adapter_id(self, adapter: str | None) -> int:
+        """0 for the base model, else the id of the named adapter (UserError if the model lacks it)."""
+        if adapter is None:
+            return 0
+        if self.adapters is None:
+            raise UserError(f"adapter '{adapter}' was asked for, but this model has no adapters loaded "
+                            "(lmforge.peft.multi_lora.load_adapters; lmforge serve --adapter NAME=DIR)")
+        return self.adapters.id_of(adapter)
+
+    def routed(self, adapter_ids: list[int], mixed: bool = False) -> contextlib.AbstractContextManager:
+        """A forward inside this block runs row b with adapter `adapter_ids[b]` (a no-op without adapters)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.routed(adapter_ids, mixed=mixed)
 
     def cancel(self, sequence: Sequence) -> None:
         """Stop a sequence (e.g. its client went away); its row is freed at the next step."""
@@ -281,9 +303,9 @@ class Engine:
 
     def _prefill_forward(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the admitted prompts; identical prompts (GRPO's G samples of one question, the
-        choices of a request) run once and their cache rows are copied to the others."""
+        choices of a request) for the same adapter run once and their cache rows are copied to the others."""
         first: dict[tuple[int, ...], int] = {}
-        owner = [first.setdefault(tuple(s.prompt_ids), index) for index, s in enumerate(sequences)]
+        owner = [first.setdefault((s.adapter, *s.prompt_ids), index) for index, s in enumerate(sequences)]
         unique = sorted(set(owner))
         longest = max(len(sequences[i].prompt_ids) for i in unique)
         ids = torch.zeros(len(unique), longest, dtype=torch.long)
@@ -295,7 +317,8 @@ class Engine:
         rows = torch.tensor([sequences[i].row for i in unique], device=self.device)
         self.cache.reset(rows)
         last = torch.tensor([len(sequences[i].prompt_ids) - 1 for i in unique], device=self.device)
-        logits = self._forward(ids.to(self.device), mask.to(self.device), rows, last)
+        with self.routed([sequences[i].adapter for i in unique]):
+            logits = self._forward(ids.to(self.device), mask.to(self.device), rows, last)
         self.stats.prompt_tokens += int(mask.sum())
         if len(unique) == len(sequences):
             return logits, rows
@@ -318,11 +341,13 @@ class Engine:
         if self.static_step is not None:
             tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
             tokens[rows] = ids
-            hidden = self.static_step(tokens)[rows]
+            with self.routed([0 if s is None else s.adapter for s in self.slots], mixed=True):
+                hidden = self.static_step(tokens)[rows]
             self.cache.lengths[rows] += 1
             logits = self.model.lm_head(hidden)
         else:
-            logits = self._forward(ids[:, None], None, rows, None)
+            with self.routed([s.adapter for s in sequences]):
+                logits = self._forward(ids[:, None], None, rows, None)
         self._sample(sequences, logits, rows)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor,

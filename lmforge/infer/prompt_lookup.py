@@ -77,8 +77,9 @@ def decode_with_drafts(engine: Any, sequences: list[Any], drafts: list[list[int]
     rows = torch.tensor([s.row for s in sequences], device=engine.device)
     start = engine.cache.lengths[rows].clone()
     real = mask.bool().to(engine.device)
-    hidden = engine.model.hidden_states(ids.to(engine.device), attention_mask=mask.to(engine.device),
-                                        kv_cache=engine.cache, cache_rows=rows)
+    with engine.routed([s.adapter for s in sequences]):
+        hidden = engine.model.hidden_states(ids.to(engine.device), attention_mask=mask.to(engine.device),
+                                            kv_cache=engine.cache, cache_rows=rows)
     logits = engine.model.lm_head(hidden[real])                          # [M, V], row-major
     offsets = [0, *itertools.accumulate(len(f) for f in fed)]
     sampled = [i for i, d in enumerate(drafts) if d is None]

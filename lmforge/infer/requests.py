@@ -62,6 +62,7 @@ class Sequence:
     seed: int
     on_update: Callable[["Sequence"], None] | None = None   # called after each step that changed it
     group: Hashable = 0                  # the request it belongs to: rows are shared fairly between groups
+    adapter: int = 0                     # which LoRA adapter its rows run with (0 = the base model)
     row: int | None = None               # KV-cache row while running
     next_token: int | None = None        # sampled but not yet fed to the model
     token_ids: list[int] = field(default_factory=list)

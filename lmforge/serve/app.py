@@ -70,28 +70,38 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
+    # The ids clients send: the model itself, and each LoRA adapter loaded beside it (multi_lora.py).
+    adapter_names = list(engine.adapters.names) if engine.adapters is not None else []
+    if model_name in adapter_names:
+        raise UserError(f"adapter name '{model_name}' is also the model's name; give the adapter another name")
+    served = [model_name, *adapter_names]
+
     def submit(prompts: list[str | list[int]], body: Any, default_max_tokens: int | None, logprobs: bool,
                top_logprobs: int) -> Submitted:
+        adapter = None if body.model == model_name else body.model
         return _submit(scheduler, prompts, body, default_max_tokens, logprobs, top_logprobs,
-                       max_sequences_per_request)
+                       max_sequences_per_request, adapter)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "running": engine.running, "waiting": len(engine.waiting),
+        return {"status": "ok", "model": model_name, "adapters": adapter_names, "running": engine.running, "waiting": len(engine.waiting),
                 "max_batch_size": engine.max_batch_size, "max_sequences_per_request": max_sequences_per_request,
                 "stats": dataclasses.asdict(engine.stats)}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": _START_TIME,
-                                            "owned_by": "lmforge", "context_length": engine.context_length}]}
+        # An adapter names its base model in "parent", as vLLM lists LoRA modules.
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": _START_TIME, "owned_by": "lmforge",
+                                            "context_length": engine.context_length,
+                                            **({"parent": model_name} if name != model_name else {})}
+                                           for name in served]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        _check_model(body.model, model_name)
+        _check_model(body.model, served)
         logprobs = body.logprobs is not None
         submitted = submit(body.prompts(), body, COMPLETIONS_DEFAULT_MAX_TOKENS, logprobs, body.logprobs or 0)
-        reply = Reply("cmpl", model_name, engine, body.choices())
+        reply = Reply("cmpl", body.model, engine, body.choices())
         if body.stream:
             return sse(reply.stream_completion(submitted, logprobs, body.include_usage), submitted, scheduler)
         sequences = await _wait(request, submitted, scheduler)
@@ -99,7 +109,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        _check_model(body.model, model_name)
+        _check_model(body.model, served)
         body.check()
         messages, tools = body.messages, None
         if body.tools and body.tool_choice != "none":   # tool calls: lmforge.infer.tools' markup
@@ -118,7 +128,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
         prompt_ids, _ = render_chat_ids(engine.tokenizer, messages, add_generation_prompt=True)
         logprobs = bool(body.logprobs)
         submitted = submit([prompt_ids], body, None, logprobs, body.top_logprobs or 0)
-        reply = Reply("chatcmpl", model_name, engine, body.choices())
+        reply = Reply("chatcmpl", body.model, engine, body.choices())
         if body.stream:
             response = sse(reply.stream_chat(submitted, logprobs, body.include_usage), submitted, scheduler)
             if sources is not None:
@@ -137,19 +147,21 @@ def create_app(engine_or_scheduler: Engine | Scheduler, model_name: str, api_key
 _START_TIME = int(time.time())
 
 
-def _check_model(requested: str, served: str) -> None:
-    if requested != served:
-        raise ApiError(400, f"the model '{requested}' is not served here; use model '{served}' "
+def _check_model(requested: str, served: list[str]) -> None:
+    if requested not in served:
+        listed = " or ".join(f"'{name}'" for name in served)
+        raise ApiError(400, f"the model '{requested}' is not served here; use model {listed} "
                             "(see GET /v1/models)", param="model", code="model_not_found")
 
 
 def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, default_max_tokens: int | None,
-            logprobs: bool, top_logprobs: int, max_sequences: int) -> Submitted:
+            logprobs: bool, top_logprobs: int, max_sequences: int, adapter: str | None = None) -> Submitted:
     """Validate n, the request's size and max_tokens, then queue `n` choices per prompt on one
     shared event queue, all in one scheduling group.
 
     Choice index = prompt index * n + j, as OpenAI orders them. With a seed, choice j samples with
-    seed + j, so the choices differ but each is reproducible.
+    seed + j, so the choices differ but each is reproducible. `adapter`: the LoRA adapter to run
+    (None: the base model).
     """
     engine = scheduler.engine
     limit = engine.context_length
@@ -177,7 +189,8 @@ def _submit(scheduler: Scheduler, prompts: list[str | list[int]], body: Any, def
             for choice in range(n):
                 if choice and params.seed is not None:
                     params = dataclasses.replace(params, seed=params.seed + 1).validate()
-                sequences.append(scheduler.submit(ids, params, events, len(sequences), group=group))
+                sequences.append(scheduler.submit(ids, params, events, len(sequences), group=group,
+                                                  adapter=adapter))
     except BaseException:
         for sequence in sequences:
             scheduler.cancel(sequence)

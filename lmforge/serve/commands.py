@@ -18,7 +18,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
     parser.epilog = ("example:\n  lmforge serve --model smollm2-135m-instruct --port 8000\n"
                      "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-                     "    -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'")
+                     "    -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'\n"
+                     "  lmforge serve --model smollm2-135m-instruct --adapter countdown=runs/lora/adapter "
+                     "--adapter chat=runs/chat/adapter\n"
+                     "    (requests with model 'countdown' or 'chat' use that adapter; all decode in one batch)")
     add_model_arguments(parser)
     parser.set_defaults(context_policy="error")   # an API client should hear that its prompt is too long
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sequences_per_request < 1:
         raise UserError(f"--max-sequences-per-request {args.max_sequences_per_request} is below 1; use 1 or more")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    engine = load_engine(args, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, several=True)
     name = args.model_name or model_name(args.model)
     from ..rag.options import rag_from_args
 
@@ -58,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
-    print(f"serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
+    served = f"'{name}'" + "".join(f", adapter '{adapter}'" for adapter in
+                                   (engine.adapters.names if engine.adapters is not None else []))
+    print(f"serving {served} at http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
           f"batch {engine.max_batch_size}, context {engine.context_length}); Ctrl-C to stop", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

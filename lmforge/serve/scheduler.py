@@ -54,11 +54,12 @@ class Scheduler:
             self._thread = None
 
     def submit(self, prompt: str | list[int], params: SamplingParams, events: asyncio.Queue,
-               index: int = 0, group: Hashable | None = None) -> Sequence:
+               index: int = 0, group: Hashable | None = None, adapter: str | None = None) -> Sequence:
         """Queue a request; its text arrives as `Event`s on `events`. Call from the event loop.
 
         `group` (from `engine.new_group()`) is shared by all the sequences of one HTTP request, so
-        the engine shares its rows fairly between requests. Raises UserError (bad prompt, context
+        the engine shares its rows fairly between requests; `adapter` picks one of the model's LoRA
+        adapters (None: the base model). Raises UserError (bad prompt, context
         overflow) before anything is queued.
         """
         loop = asyncio.get_running_loop()
@@ -75,7 +76,7 @@ class Scheduler:
             except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
                 self.engine.cancel(sequence)
 
-        sequence = self.engine.submit(prompt, params, on_update=on_update, group=group)
+        sequence = self.engine.submit(prompt, params, on_update=on_update, group=group, adapter=adapter)
         self.start()   # no-op when running; an app mounted inside another app gets no startup event
         self._wake.set()
         return sequence
