@@ -20,9 +20,10 @@ block 64 codes and one absmax slot), so the kernels, bitsandbytes and GGUF reade
 only the rounding changes. Importance comes from a forward over a few thousand tokens of the
 bundled Wikipedia leads (text the held-out Shakespeare perplexity never sees).
 
+For NF4, AWQ's per-channel input scales are searched first and folded into the preceding norms
+and rows (scaling.py): NF4's 64-weight blocks gain from them, Q4_0's 32-weight blocks do not.
 Tried and not kept (docs/LOG.md): GPTQ's full-Hessian error compensation (per-layer error down,
-perplexity not), AWQ's per-channel input scaling (no better on top of this search, and an extra
-multiply per Linear at run time).
+perplexity not).
 """
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def calibration_ids(tokenizer, tokens: int = 4096) -> list[int]:
 
 
 @torch.inference_mode()
-def input_importance(model: nn.Module, ids: list[int], window: int = 256,
-                     batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """{Linear name: E[x^2] per input feature [in_features] (fp32)} over `ids` in windows."""
+def input_importance(model: nn.Module, ids: list[int], window: int = 256, batch_size: int = 8,
+                     second_moment: bool = False) -> dict[str, torch.Tensor]:
+    """{Linear name: E[x^2] per input feature [in_features] (fp32)} over `ids` in windows.
+    second_moment=True: E[x x^T] [in_features, in_features] instead (its diagonal is E[x^2]),
+    what scaling.py scores output errors with."""
     window = min(window, model.config.max_seq_len, len(ids))
     rows = torch.tensor(ids[: len(ids) // window * window]).view(-1, window)
     sums: dict[str, torch.Tensor] = {}
@@ -62,7 +65,7 @@ def input_importance(model: nn.Module, ids: list[int], window: int = 256,
 
     def record(name: str, inputs: tuple) -> None:
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        sums[name] = sums.get(name, 0) + x.square().sum(dim=0)
+        sums[name] = sums.get(name, 0) + (x.T @ x if second_moment else x.square().sum(dim=0))
         counts[name] = counts.get(name, 0) + x.shape[0]
 
     hooks = [module.register_forward_pre_hook(lambda _m, inputs, name=name: record(name, inputs))
@@ -146,3 +149,12 @@ def nf4_block_scales(weight: torch.Tensor, importance: torch.Tensor, blocksize: 
         best = _pick_best(best, error, scale)
     scale = best[1].squeeze(1)
     return torch.where(absmax.squeeze(1) == 0, torch.zeros_like(scale), scale)
+
+
+def nf4_weighted_fake_quant(weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """The weight after NF4 with searched block scales and back (no double quantization): what
+    the AWQ scale search in scaling.py scores its candidates with."""
+    from .nf4 import dequantize_nf4, quantize_nf4
+
+    scale = nf4_block_scales(weight, importance)
+    return dequantize_nf4(quantize_nf4(weight.float(), double_quant=False, scale=scale)).view_as(weight)

@@ -22,7 +22,7 @@ ROWS = {
     "llm-int8-nodecomp": ("llm-int8", 0.0),
     "int8": ("int8", 6.0),
     "nf4": ("nf4", 6.0),
-    "nf4-cal": ("nf4", 6.0),          # "-cal": block scales weighted by calibration activations
+    "nf4-cal": ("nf4", 6.0),          # "-cal": block scales weighted by calibration activations (nf4: + AWQ)
     "q4_0": ("q4_0", 6.0),
     "q4_0-cal": ("q4_0", 6.0),
     "q4_1": ("q4_1", 6.0),
@@ -131,7 +131,8 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
         lines.append(f"| {label} | {ppl:.3f} | {ratio} |")
     if any(label.endswith("-cal") for label, _ in results):
         lines += ["", f"-cal: the same format, each block's scale chosen for the smallest rounding error weighted "
-                  f"by the inputs' mean square on {args.calibrate} Wikipedia tokens (lmforge.quant.calibrate)."]
+                  f"by the inputs' mean square on {args.calibrate} Wikipedia tokens (lmforge.quant.calibrate); "
+                  "nf4-cal also folds AWQ channel scales into the norms and rows first (lmforge.quant.scaling)."]
     return "\n".join(lines) + "\n"
 
 

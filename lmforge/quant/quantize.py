@@ -113,8 +113,15 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
                             "leave the calibration out for it")
         from .calibrate import input_importance
 
-        importance = input_importance(model, calibration_ids)
         summary.calibration_tokens = len(calibration_ids)
+        if method == "nf4":   # AWQ scales folded into the norms and rows before the Linears (scaling.py)
+            from .calibrate import nf4_weighted_fake_quant
+            from .scaling import fold_input_scales
+
+            moments = input_importance(model, calibration_ids, second_moment=True)
+            importance = fold_input_scales(model, moments, nf4_weighted_fake_quant)
+        else:
+            importance = input_importance(model, calibration_ids)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
