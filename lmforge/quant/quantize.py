@@ -100,7 +100,8 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
     """Replace each nn.Linear of `model` (in place) by its `method` version; returns the model
     (and a QuantSummary when return_summary). The model should be in float32 or bfloat16.
     `calibration_ids` (nf4, q4_0): token ids whose activations weight each block's rounding error
-    (`calibrate.calibration_ids(tokenizer)` gives Wikipedia text); None = round to nearest."""
+    (`calibrate.calibration_ids(tokenizer)` gives Wikipedia text); None = round to nearest. For
+    nf4 they also choose AWQ channel scales, folded into the model's norms and rows (scaling.py)."""
     check_method(method)
     summary = QuantSummary(method)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
