@@ -26,7 +26,8 @@ output (tested); only the quantization that follows sees different weights. The 
 quantized layer then weighs its rounding by is E[(x/s)^2] = E[x^2] / s^2, which is what this returns.
 
 On SmolLM2-135M (docs/LOG.md), on top of the importance-weighted NF4 block search, held-out
-perplexity on 4096 tokens: +12.2% -> +7.9%. Only NF4 folds (see quantize.py).
+perplexity on 4096 tokens: +12.2% -> +8.8% as stored (double-quantized scales; +7.9% without
+double quantization). Only NF4 folds (see quantize.py).
 """
 from __future__ import annotations
 
