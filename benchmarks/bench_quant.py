@@ -11,7 +11,7 @@ decode >= 2.5x transformers fp32 and >= 1.5x transformers' best; perplexity with
 for int8 and 8% for 4-bit. Ends with one JSON line.
 
     python benchmarks/bench_quant.py [--methods fp32,bf16,int8,q4_0,q4_0-cal,q4_1,nf4,nf4-cal] [--compile]
-                                     [--hf-compile] [--calibrate 4096]
+                                     [--hf-compile] [--calibrate 4096] [--calibration-text wiki]
                                      [--new-tokens 32] [--ppl-tokens 1025] [--threads 1]
 """
 from __future__ import annotations
@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=1025, help="0 = skip perplexity (lmforge quantize reports it)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibrate", type=int, default=4096,
-                        help="Wikipedia tokens for the -cal methods (activation-aware rounding)")
+                        help="tokens of --calibration-text for the -cal methods (activation-aware rounding)")
+    parser.add_argument("--calibration-text", default="wiki", help="wiki, wiki+chat or a .txt path (calibrate.calibration_ids)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,10 +134,11 @@ def main() -> None:
         calibrate = args.calibrate if method.endswith("-cal") else 0     # q4_0-cal: --quantize q4_0 --calibrate N
         start = time.perf_counter()
         model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method.removesuffix("-cal"),
-                                calibrate=calibrate, tokenizer=tokenizer)
+                                calibrate=calibrate, tokenizer=tokenizer, calibration_text=args.calibration_text)
         if calibrate:
             figures[f"{method}_quantize_s"] = round(time.perf_counter() - start, 1)
             figures["calibration_tokens"] = calibrate
+            figures["calibration_text"] = args.calibration_text
         ppl = perplexity(model, ppl_ids) if ppl_ids else float("nan")
         ppl_fp32 = ppl if method == "fp32" and ppl_ids else ppl_fp32
         for compile in (False, True) if args.compile and not method.startswith("nf4") else (False,):

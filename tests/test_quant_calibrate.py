@@ -125,6 +125,47 @@ def test_calibration_ids_are_wikipedia_text():
         calibration_ids(tokenizer, 0)
 
 
+def test_calibration_ids_wiki_and_chat_is_half_each():
+    _, tokenizer = load_tiny()
+    ids = calibration_ids(tokenizer, 301, "wiki+chat")
+    assert len(ids) == 301
+    assert ids[:151] == calibration_ids(tokenizer, 151)                 # the Wikipedia half comes first
+    from lmforge.data.chat_corpora import load_sharegpt
+
+    first = load_sharegpt(limit=1)[0][0].messages[0]["content"]
+    assert tokenizer.decode(ids[151:]).startswith(first[:40])           # then the first ShareGPT conversation
+
+
+def test_calibration_ids_from_a_text_file(tmp_path):
+    _, tokenizer = load_tiny()
+    path = tmp_path / "domain.txt"
+    path.write_text("To be, or not to be, that is the question. " * 20, encoding="utf-8")
+    ids = calibration_ids(tokenizer, 50, str(path))
+    assert ids == tokenizer.encode(path.read_text(encoding="utf-8"))[:50]
+    with pytest.raises(UserError, match="has only .* tokens; ask for .* or fewer, or pass a longer file"):
+        calibration_ids(tokenizer, 100_000, str(path))
+    with pytest.raises(UserError, match="is neither wiki nor wiki\\+chat nor a file"):
+        calibration_ids(tokenizer, 50, str(tmp_path / "missing.txt"))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UserError, match="pass a UTF-8 .txt file"):
+        calibration_ids(tokenizer, 50, str(tmp_path / "binary.txt"))
+
+
+def test_generate_with_calibration_text_end_to_end(capsys, tmp_path):
+    model, tokenizer = load_tiny()
+    path = tmp_path / "domain.txt"
+    path.write_text("JULIET: O Romeo, Romeo, wherefore art thou Romeo? " * 30, encoding="utf-8")
+    quantize_model(model, "q4_0", calibration_ids=calibration_ids(tokenizer, 128, str(path)))
+    expected = Engine(model, tokenizer).generate(["ROMEO:"], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+    code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "ROMEO:", "--max-new-tokens", "8",
+                 "--temperature", "0", "--quantize", "q4_0", "--calibrate", "128", "--calibration-text", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == expected + "\n" and f"'{path}' tokens" in err
+    code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x", "--quantize", "q4_0",
+                 "--calibrate", "128", "--calibration-text", str(tmp_path / "missing.txt")])
+    assert code != 0 and "is neither wiki nor wiki+chat nor a file" in capsys.readouterr().err
+
+
 def test_generate_with_calibrate_end_to_end(capsys):
     model, tokenizer = load_tiny()
     quantize_model(model, "q4_0", calibration_ids=calibration_ids(tokenizer, 256))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from infer_support import load_tiny, tiny_model_dir
 from lmforge.cli import main
@@ -16,11 +15,11 @@ def test_lab_writes_report_and_png(tmp_path, capsys):
     out = tmp_path / "lab"
     code = main(["quantize", "--model", str(tiny_model_dir()), "--out", str(out), "--census-tokens", "64",
                  "--ppl-tokens", "129", "--methods", "fp32,llm-int8,llm-int8-nodecomp,int8,q4_0,q4_0-cal",
-                 "--calibrate", "256"])
+                 "--calibrate", "256", "--calibration-text", "wiki+chat"])
     assert code == 0
     report = (out / "report.md").read_text()
     assert "| transformer.blocks.0.attn.qkv | 64 |" in report
-    assert "on 256 Wikipedia tokens" in report
+    assert "on 256 tokens of 'wiki+chat'" in report
     for label in ("fp32", "llm-int8", "llm-int8-nodecomp", "int8", "q4_0", "q4_0-cal"):
         assert f"| {label} | " in report
     assert "| fp32 | " in report and "| 1.0000 |" in report

@@ -18,7 +18,8 @@ is refitted by weighted least squares given them (d = sum(i w q) / sum(i q^2)); 
 wins. The stored format is unchanged (a Q4_0 block still holds 32 codes and one scale, an NF4
 block 64 codes and one absmax slot), so the kernels, bitsandbytes and GGUF readers are untouched;
 only the rounding changes. Importance comes from a forward over a few thousand tokens of the
-bundled Wikipedia leads (text the held-out Shakespeare perplexity never sees).
+bundled Wikipedia leads (text the held-out Shakespeare perplexity never sees), or of Wikipedia and
+ShareGPT chats ("wiki+chat"), or of a text file of your own.
 
 For NF4, AWQ's per-channel input scales are searched first and folded into the preceding norms
 and rows (scaling.py): NF4's 64-weight blocks gain from them, Q4_0's 32-weight blocks do not.
@@ -38,18 +39,70 @@ Q4_0_CANDIDATES = [-8.0] + [-(8 + 0.1 * i) for i in range(-9, 10) if i] + [7 + 0
 NF4_CANDIDATES = [1.0] + [0.5 + 0.025 * i for i in range(24)]   # fractions of the block's absmax
 
 
-def calibration_ids(tokenizer, tokens: int = 4096) -> list[int]:
-    """The first `tokens` token ids of the bundled Wikipedia leads, one after another."""
-    from ..rag.corpus import wiki_documents
+CALIBRATION_TEXTS = ("wiki", "wiki+chat")          # or the path of a UTF-8 .txt file
 
+
+def calibration_ids(tokenizer, tokens: int = 4096, text: str = "wiki") -> list[int]:
+    """`tokens` token ids of calibration text, one document after another.
+
+    text: "wiki" = the bundled Wikipedia leads; "wiki+chat" = half of them, then half ShareGPT
+    conversations (each conversation's turns, one per line); or the path of a UTF-8 .txt file
+    (your own domain's text, as llama.cpp's `llama-imatrix -f` takes)."""
     if tokens < 1:
         raise UserError(f"calibration tokens {tokens} is below 1; use a few thousand, e.g. 4096")
+    if text == "wiki":
+        return _wiki_ids(tokenizer, tokens)
+    if text == "wiki+chat":
+        return _wiki_ids(tokenizer, tokens - tokens // 2) + _chat_ids(tokenizer, tokens // 2)
+    return _file_ids(tokenizer, text, tokens)
+
+
+def _wiki_ids(tokenizer, tokens: int) -> list[int]:
+    from ..rag.corpus import wiki_documents
+
     ids: list[int] = []
     for document in wiki_documents():
         ids += tokenizer.encode(document.text + "\n\n")
         if len(ids) >= tokens:
             return ids[:tokens]
     raise UserError(f"the Wikipedia leads have only {len(ids)} tokens; ask for {len(ids)} or fewer")
+
+
+def _chat_ids(tokenizer, tokens: int) -> list[int]:
+    from ..data.chat_corpora import load_sharegpt
+
+    if tokens == 0:
+        return []
+    limit = 64                                   # conversations parsed; doubled until there is enough text
+    while True:
+        conversations = load_sharegpt(limit=limit)[0]
+        ids = []
+        for conversation in conversations:
+            ids += tokenizer.encode("\n".join(m["content"] for m in conversation.messages) + "\n\n")
+            if len(ids) >= tokens:
+                return ids[:tokens]
+        if len(conversations) < limit:
+            raise UserError(f"the ShareGPT conversations have only {len(ids)} tokens; ask for {2 * len(ids)} "
+                            "or fewer calibration tokens")
+        limit *= 2
+
+
+def _file_ids(tokenizer, text: str, tokens: int) -> list[int]:
+    from pathlib import Path
+
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"calibration text '{text}' is neither {' nor '.join(CALIBRATION_TEXTS)} nor a file; "
+                        "pass one of those names or the path of a UTF-8 .txt file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read calibration text '{text}' ({error}); pass a UTF-8 .txt file") from None
+    ids = tokenizer.encode(content)
+    if len(ids) < tokens:
+        raise UserError(f"calibration text '{text}' has only {len(ids)} tokens; ask for {len(ids)} or fewer, "
+                        "or pass a longer file")
+    return ids[:tokens]
 
 
 @torch.inference_mode()

@@ -42,7 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=1025, help="held-out tokens for perplexity (windows of 256)")
     parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--calibrate", type=int, default=4096, metavar="TOKENS",
-                        help="Wikipedia tokens whose activations weight the rounding of the -cal rows")
+                        help="tokens of --calibration-text whose activations weight the rounding of the -cal rows")
+    parser.add_argument("--calibration-text", default="wiki", metavar="TEXT",
+                        help="wiki (the bundled Wikipedia leads), wiki+chat (half Wikipedia, half ShareGPT "
+                             "conversations) or the path of a UTF-8 .txt file")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(func=run)
 
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if any(label.endswith("-cal") for label in methods):
         from .calibrate import calibration_ids
 
-        calibration = calibration_ids(tokenizer, args.calibrate)
+        calibration = calibration_ids(tokenizer, args.calibrate, args.calibration_text)
     results = []
     for label in methods:
         method, threshold = ROWS[label]
@@ -131,7 +134,7 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
         lines.append(f"| {label} | {ppl:.3f} | {ratio} |")
     if any(label.endswith("-cal") for label, _ in results):
         lines += ["", f"-cal: the same format, each block's scale chosen for the smallest rounding error weighted "
-                  f"by the inputs' mean square on {args.calibrate} Wikipedia tokens (lmforge.quant.calibrate); "
+                  f"by the inputs' mean square on {args.calibrate} tokens of '{args.calibration_text}' (lmforge.quant.calibrate); "
                   "nf4-cal also folds AWQ channel scales into the norms and rows first (lmforge.quant.scaling)."]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,8 @@ Methods:
 
 Activation-aware rounding (nf4, q4_0): `quantize_model(model, "q4_0", calibration_ids=ids)` picks
 each block's scale by the rounding error weighted by the inputs' mean square on `ids` (the CLI's
-`--calibrate N` uses N Wikipedia tokens); same format, lmforge.quant.calibrate explains it.
+`--calibrate N` uses N Wikipedia tokens, or others with `--calibration-text`); same format,
+lmforge.quant.calibrate explains it.
 
 The output layer is quantized too (with tied embeddings it gets its own quantized copy; the input
 embedding stays in float, since a lookup reads one row per token). With a 4-bit method it gets
@@ -144,10 +145,11 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
 
 
 def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None,
-                    calibrate: int = 0, tokenizer=None) -> nn.Module:
+                    calibrate: int = 0, tokenizer=None, calibration_text: str = "wiki") -> nn.Module:
     """What `--dtype`, `--quantize` and `--calibrate` do to a loaded model: cast the float weights
     to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them),
-    nf4 / q4_0 rounding weighted by the activations of `calibrate` Wikipedia tokens (0 = off)."""
+    nf4 / q4_0 rounding weighted by the activations of `calibrate` tokens (0 = off) of
+    `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path)."""
     if calibrate < 0:
         raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
     if calibrate and quantize not in CALIBRATED:
@@ -162,6 +164,6 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
 
             if tokenizer is None:
                 raise UserError("--calibrate needs the model's tokenizer; pass a model that has one")
-            ids = calibration_ids(tokenizer, calibrate)
+            ids = calibration_ids(tokenizer, calibrate, calibration_text)
         model = quantize_model(model, check_method(quantize), calibration_ids=ids)
     return model
