@@ -180,6 +180,8 @@ def test_generate_with_calibrate_end_to_end(capsys):
     (["--calibrate", "256"], "--calibrate applies to --quantize nf4 or q4_0"),
     (["--quantize", "int8", "--calibrate", "256"], "--calibrate applies to --quantize nf4 or q4_0"),
     (["--quantize", "q4_0", "--calibrate", "-1"], "--calibrate -1 is below 0"),
+    (["--quantize", "q4_0", "--calibration-text", "wiki+chat"],
+     "--calibration-text wiki+chat needs --calibrate TOKENS"),
 ])
 def test_bad_calibrate_values_are_clear_errors(capsys, argv, message):
     code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x"] + argv)

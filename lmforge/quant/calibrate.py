@@ -40,6 +40,8 @@ NF4_CANDIDATES = [1.0] + [0.5 + 0.025 * i for i in range(24)]   # fractions of t
 
 
 CALIBRATION_TEXTS = ("wiki", "wiki+chat")          # or the path of a UTF-8 .txt file
+CALIBRATION_TEXT_HELP = ("the text --calibrate reads: wiki (the bundled Wikipedia leads), wiki+chat (half Wikipedia, "
+                         "half ShareGPT conversations) or the path of a UTF-8 .txt file")
 
 
 def calibration_ids(tokenizer, tokens: int = 4096, text: str = "wiki") -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..cli import HelpFormatter
 from ..errors import UserError
+from .calibrate import CALIBRATION_TEXT_HELP
 
 # (label, quantize_model method, LLM.int8 threshold)
 ROWS = {
@@ -43,9 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--calibrate", type=int, default=4096, metavar="TOKENS",
                         help="tokens of --calibration-text whose activations weight the rounding of the -cal rows")
-    parser.add_argument("--calibration-text", default="wiki", metavar="TEXT",
-                        help="wiki (the bundled Wikipedia leads), wiki+chat (half Wikipedia, half ShareGPT "
-                             "conversations) or the path of a UTF-8 .txt file")
+    parser.add_argument("--calibration-text", default="wiki", metavar="TEXT", help=CALIBRATION_TEXT_HELP)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(func=run)
 

@@ -152,6 +152,9 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
     `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path)."""
     if calibrate < 0:
         raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
+    if calibration_text != "wiki" and not calibrate:
+        raise UserError(f"--calibration-text {calibration_text} needs --calibrate TOKENS (e.g. --calibrate 4096); "
+                        "add it, or leave --calibration-text out")
     if calibrate and quantize not in CALIBRATED:
         raise UserError(f"--calibrate applies to --quantize {' or '.join(CALIBRATED)}; "
                         f"add one of them, or leave --calibrate out")
