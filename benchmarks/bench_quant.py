@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibrate", type=int, default=4096,
                         help="tokens of --calibration-text for the -cal methods (activation-aware rounding)")
-    parser.add_argument("--calibration-text", default="wiki", help="wiki, wiki+chat or a .txt path (calibrate.calibration_ids)")
+    parser.add_argument("--calibration-text", default="wiki",
+                        help="wiki, wiki+chat or a .txt path (calibrate.calibration_ids)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -134,7 +135,8 @@ def main() -> None:
         calibrate = args.calibrate if method.endswith("-cal") else 0     # q4_0-cal: --quantize q4_0 --calibrate N
         start = time.perf_counter()
         model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method.removesuffix("-cal"),
-                                calibrate=calibrate, tokenizer=tokenizer, calibration_text=args.calibration_text)
+                                calibrate=calibrate, tokenizer=tokenizer,
+                                calibration_text=args.calibration_text if calibrate else None)
         if calibrate:
             figures[f"{method}_quantize_s"] = round(time.perf_counter() - start, 1)
             figures["calibration_tokens"] = calibrate

@@ -182,6 +182,7 @@ def test_generate_with_calibrate_end_to_end(capsys):
     (["--quantize", "q4_0", "--calibrate", "-1"], "--calibrate -1 is below 0"),
     (["--quantize", "q4_0", "--calibration-text", "wiki+chat"],
      "--calibration-text wiki+chat needs --calibrate TOKENS"),
+    (["--calibration-text", "wiki"], "--calibration-text wiki needs --calibrate TOKENS"),
 ])
 def test_bad_calibrate_values_are_clear_errors(capsys, argv, message):
     code = main(["generate", "--model", str(tiny_model_dir()), "--prompt", "x"] + argv)

@@ -40,7 +40,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "by the activations of TOKENS tokens of --calibration-text; nf4 also folds AWQ "
                              "channel scales into the norms first (e.g. 4096; SmolLM2 on 2 cores: ~30 s for "
                              "q4_0, ~2 min for nf4; 0 = round to nearest)")
-    parser.add_argument("--calibration-text", default="wiki", metavar="TEXT", help=CALIBRATION_TEXT_HELP)
+    parser.add_argument("--calibration-text", default=None, metavar="TEXT",
+                        help=CALIBRATION_TEXT_HELP + " (default wiki)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="float precision of the weights and activations (bf16 halves the bytes read per token; "
                              "on CPUs without AVX512-BF16/AMX it is emulated)")
@@ -127,15 +128,15 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
         raise UserError(f"model '{args.model}' has no tokenizer (a preset has random weights and none); "
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     calibrate = getattr(args, "calibrate", 0) or 0
-    calibration_text = getattr(args, "calibration_text", "wiki")
+    calibration_text = getattr(args, "calibration_text", None)
     precision_asked = getattr(args, "quantize", None) or getattr(args, "dtype", "fp32") != "fp32"
-    if precision_asked or calibrate or calibration_text != "wiki":
+    if precision_asked or calibrate or calibration_text is not None:
         from ..quant.quantize import apply_precision
 
         if calibrate and getattr(args, "quantize", None):
             scales = "AWQ channel scales and block scales" if args.quantize == "nf4" else "block scales"
             print(f"quantizing to {args.quantize}: {scales} weighted by the activations of {calibrate:,} "
-                  f"'{calibration_text}' tokens ...", file=sys.stderr, flush=True)
+                  f"'{calibration_text or 'wiki'}' tokens ...", file=sys.stderr, flush=True)
         model = apply_precision(model, getattr(args, "dtype", "fp32"), getattr(args, "quantize", None),
                                 calibrate=calibrate, tokenizer=tokenizer,
                                 calibration_text=calibration_text)

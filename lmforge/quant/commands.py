@@ -133,7 +133,8 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
         lines.append(f"| {label} | {ppl:.3f} | {ratio} |")
     if any(label.endswith("-cal") for label, _ in results):
         lines += ["", f"-cal: the same format, each block's scale chosen for the smallest rounding error weighted "
-                  f"by the inputs' mean square on {args.calibrate} tokens of '{args.calibration_text}' (lmforge.quant.calibrate); "
+                  f"by the inputs' mean square on {args.calibrate} tokens of '{args.calibration_text}' "
+                  "(lmforge.quant.calibrate); "
                   "nf4-cal also folds AWQ channel scales into the norms and rows first (lmforge.quant.scaling)."]
     return "\n".join(lines) + "\n"
 

@@ -145,14 +145,14 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
 
 
 def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None,
-                    calibrate: int = 0, tokenizer=None, calibration_text: str = "wiki") -> nn.Module:
+                    calibrate: int = 0, tokenizer=None, calibration_text: str | None = None) -> nn.Module:
     """What `--dtype`, `--quantize` and `--calibrate` do to a loaded model: cast the float weights
     to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them),
     nf4 / q4_0 rounding weighted by the activations of `calibrate` tokens (0 = off) of
-    `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path)."""
+    `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path; None = wiki)."""
     if calibrate < 0:
         raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
-    if calibration_text != "wiki" and not calibrate:
+    if calibration_text is not None and not calibrate:
         raise UserError(f"--calibration-text {calibration_text} needs --calibrate TOKENS (e.g. --calibrate 4096); "
                         "add it, or leave --calibration-text out")
     if calibrate and quantize not in CALIBRATED:
@@ -167,6 +167,6 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
 
             if tokenizer is None:
                 raise UserError("--calibrate needs the model's tokenizer; pass a model that has one")
-            ids = calibration_ids(tokenizer, calibrate, calibration_text)
+            ids = calibration_ids(tokenizer, calibrate, calibration_text or "wiki")
         model = quantize_model(model, check_method(quantize), calibration_ids=ids)
     return model
