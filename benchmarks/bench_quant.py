@@ -2,7 +2,8 @@
 method, against transformers fp32 and transformers' best CPU option, in the same run.
 
 lmforge: fp32, bf16 (--dtype bf16), weight-only int8, Q4_0, Q4_1 and NF4 (--quantize), Q4_0 and NF4
-with activation-aware rounding (q4_0-cal / nf4-cal: --calibrate N), eager or with the
+with activation-aware rounding (q4_0-cal / nf4-cal: --calibrate N), Q4_0 with its scales then tuned
+against the float model (q4_0-tuned: --calibrate N --tune-steps K), eager or with the
 compiled decode step (--compile). transformers reads the same GGUF; its options: fp32, bf16, and
 torch.compile of the fp32 model (--hf-compile, its static cache). Every side generates exactly
 --new-tokens greedy tokens from the same prompt; best of --repeats. Perplexity: the held-out
@@ -10,8 +11,9 @@ Shakespeare play (lmforge.quant.lab), --ppl-tokens tokens in windows of 256. Tar
 decode >= 2.5x transformers fp32 and >= 1.5x transformers' best; perplexity within 2% of fp32
 for int8 and 8% for 4-bit. Ends with one JSON line.
 
-    python benchmarks/bench_quant.py [--methods fp32,bf16,int8,q4_0,q4_0-cal,q4_1,nf4,nf4-cal] [--compile]
-                                     [--hf-compile] [--calibrate 4096] [--calibration-text wiki]
+    python benchmarks/bench_quant.py [--methods fp32,bf16,int8,q4_0,q4_0-cal,q4_1,nf4,nf4-cal,q4_0-tuned]
+                                     [--compile] [--hf-compile] [--calibrate 4096] [--calibration-text wiki]
+                                     [--tune-steps 30]
                                      [--new-tokens 32] [--ppl-tokens 1025] [--threads 1]
 """
 from __future__ import annotations
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibrate", type=int, default=4096,
                         help="tokens of --calibration-text for the -cal methods (activation-aware rounding)")
+    parser.add_argument("--tune-steps", type=int, default=30,
+                        help="scale-tuning steps of the -tuned methods (q4_0-tuned: q4_0-cal, then lmforge.quant.tune)")
     parser.add_argument("--calibration-text", default="wiki",
                         help="wiki, wiki+chat or a .txt path (calibrate.calibration_ids)")
     args = parser.parse_args()
@@ -132,11 +136,15 @@ def main() -> None:
     for method in args.methods.split(","):
         model = lmforge.load("smollm2-135m-instruct")[0] if method != "fp32" else base
         dtype = "bf16" if method == "bf16" else "fp32"
-        calibrate = args.calibrate if method.endswith("-cal") else 0     # q4_0-cal: --quantize q4_0 --calibrate N
+        # q4_0-cal: --quantize q4_0 --calibrate N; q4_0-tuned: the same, then --tune-steps K
+        calibrate = args.calibrate if method.endswith(("-cal", "-tuned")) else 0
+        tune_steps = args.tune_steps if method.endswith("-tuned") else 0
         start = time.perf_counter()
-        model = apply_precision(model, dtype, None if method in ("fp32", "bf16") else method.removesuffix("-cal"),
-                                calibrate=calibrate, tokenizer=tokenizer,
-                                calibration_text=args.calibration_text if calibrate else None)
+        quantize = None if method in ("fp32", "bf16") else method.removesuffix("-cal").removesuffix("-tuned")
+        model = apply_precision(model, dtype, quantize, calibrate=calibrate, tokenizer=tokenizer,
+                                calibration_text=args.calibration_text if calibrate else None, tune_steps=tune_steps)
+        if tune_steps:
+            figures["tune_steps"] = tune_steps
         if calibrate:
             figures[f"{method}_quantize_s"] = round(time.perf_counter() - start, 1)
             figures["calibration_tokens"] = calibrate
@@ -162,11 +170,12 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct decode at batch 1, {args.new_tokens} new tokens, {args.threads} thread(s), "
           f"best of {args.repeats}; CPU: {figures['cpu']}")
     print(f"perplexity: held-out Shakespeare, {len(ppl_ids)} tokens")
-    print(f"{'side':<13} {'method':<8} {'mode':<9} {'tok/s':>7} {'vs hf fp32':>11} {'vs hf best':>11} {'ppl':>8} {'ppl/fp32':>9}")
+    print(f"{'side':<13} {'method':<10} {'mode':<9} {'tok/s':>7} {'vs hf fp32':>11} {'vs hf best':>11} "
+          f"{'ppl':>8} {'ppl/fp32':>9}")
     for side, method, mode, speed, ppl in rows:
         ppl_text = "-" if ppl is None else f"{ppl:.2f}"
         ratio = "-" if ppl is None or ppl_fp32 is None else f"{ppl / ppl_fp32:.4f}"
-        print(f"{side:<13} {method:<8} {mode:<9} {speed:>7.2f} {speed / hf_fp32:>10.2f}x {speed / hf_best:>10.2f}x "
+        print(f"{side:<13} {method:<10} {mode:<9} {speed:>7.2f} {speed / hf_fp32:>10.2f}x {speed / hf_best:>10.2f}x "
               f"{ppl_text:>8} {ratio:>9}")
     print(json.dumps(figures))
 

@@ -13,6 +13,7 @@ from typing import Any
 from ..cli import HelpFormatter
 from ..errors import UserError
 from ..quant.calibrate import CALIBRATION_TEXT_HELP
+from ..quant.tune import TUNE_STEPS_HELP
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "q4_0, ~2 min for nf4; 0 = round to nearest)")
     parser.add_argument("--calibration-text", default=None, metavar="TEXT",
                         help=CALIBRATION_TEXT_HELP + " (default wiki)")
+    parser.add_argument("--tune-steps", type=int, default=0, metavar="STEPS", help=TUNE_STEPS_HELP)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="float precision of the weights and activations (bf16 halves the bytes read per token; "
                              "on CPUs without AVX512-BF16/AMX it is emulated)")
@@ -129,17 +131,20 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
                         "pass a trained model directory, a run, an HF directory or a .gguf file")
     calibrate = getattr(args, "calibrate", 0) or 0
     calibration_text = getattr(args, "calibration_text", None)
+    tune_steps = getattr(args, "tune_steps", 0) or 0
     precision_asked = getattr(args, "quantize", None) or getattr(args, "dtype", "fp32") != "fp32"
-    if precision_asked or calibrate or calibration_text is not None:
+    if precision_asked or calibrate or calibration_text is not None or tune_steps:
         from ..quant.quantize import apply_precision
 
         if calibrate and getattr(args, "quantize", None):
             scales = "AWQ channel scales and block scales" if args.quantize == "nf4" else "block scales"
             print(f"quantizing to {args.quantize}: {scales} weighted by the activations of {calibrate:,} "
-                  f"'{calibration_text or 'wiki'}' tokens ...", file=sys.stderr, flush=True)
+                  f"'{calibration_text or 'wiki'}' tokens"
+                  + (f", then {tune_steps} steps of scale tuning against the float model" if tune_steps else "")
+                  + " ...", file=sys.stderr, flush=True)
         model = apply_precision(model, getattr(args, "dtype", "fp32"), getattr(args, "quantize", None),
                                 calibrate=calibrate, tokenizer=tokenizer,
-                                calibration_text=calibration_text)
+                                calibration_text=calibration_text, tune_steps=tune_steps)
     return Engine(model, tokenizer, max_batch_size=max_batch_size, context_policy=args.context_policy,
                   max_seq_len=max_seq_len, compile=getattr(args, "compile", False),
                   prompt_lookup=getattr(args, "prompt_lookup", 0) or 0)

@@ -200,7 +200,7 @@ def _lmforge_config(directory: Path) -> ModelConfig:
     data = read_json(config_file, "model config")
     is_lmforge_config(data)                          # a JSON object, or a clear error
     data = dict(data)
-    for key in ("format", "base_model", "peft"):    # an adapter checkpoint also names its base
+    for key in ("format", "base_model", "peft", "quantization"):   # an adapter checkpoint also names its base
         data.pop(key, None)
     try:
         config = ModelConfig.from_dict(data)
@@ -260,6 +260,12 @@ def load(ref: str | os.PathLike, device: str | torch.device = "cpu", dtype: torc
                       "and model(input_ids) logits are meaningless; use model.hidden_states(input_ids)",
                       stacklevel=2)
     model.missing_weights = missing
+    if getattr(model, "quantization", None):
+        # Casting would also cast the kernels' bf16 copies of the scales: a quantized model keeps its dtypes.
+        if dtype != torch.float32:
+            raise UserError(f"'{ref}' is a {model.quantization}-quantized model, which loads as saved; "
+                            "leave out the dtype (or load the float model it came from)")
+        return model.to(device=device).eval(), final_tokenizer
     return model.to(device=device, dtype=dtype).eval(), final_tokenizer
 
 
@@ -333,6 +339,8 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
     from .hf.importing import expected_shapes
 
     state = read_safetensors(file)
+    if "quantization" in data:
+        return _load_quantized(source, config, data["quantization"], state)
     blocks = {int(name.split(".")[2]) for name in state if name.startswith("transformer.blocks.")}
     if len(blocks) != config.n_layers:      # checked first: building 10^8 layers, even on meta, never ends
         raise UserError(f"'{source.path / 'config.json'}' says n_layers={config.n_layers} but '{file}' holds "
@@ -352,6 +360,30 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
         raise UserError(f"'{file}' lacks the tensor '{absent[0]}' ({len(absent)} missing); "
                         "the file is incomplete or belongs to another model")
     model.load_state_dict(state, strict=False)
+    return model
+
+
+def _load_quantized(source: ModelSource, config: ModelConfig, saved: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A model saved after `--quantize` (lmforge convert): its layers rebuilt as config.json's
+    "quantization" says, then the saved codes and scales loaded into them."""
+    from ..quant.quantize import quantized_skeleton
+    from .builders import build_model
+
+    model = quantized_skeleton(build_model(config), saved, f"'{source.path / 'config.json'}'")
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise UserError(f"'{source.weights}' has a tensor '{name}' that the quantized model in config.json does "
+                            "not have; the weights and config.json do not match")
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise UserError(f"tensor '{name}' in '{source.weights}' is {list(tensor.shape)} {tensor.dtype} but "
+                            f"config.json implies {list(expected[name].shape)} {expected[name].dtype}; "
+                            "the weights and config.json do not match")
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise UserError(f"'{source.weights}' lacks the tensor '{absent[0]}' ({len(absent)} missing); "
+                        "the file is incomplete or belongs to another model")
+    model.load_state_dict(state)
     return model
 
 
@@ -393,12 +425,16 @@ def save_pretrained(model: nn.Module, tokenizer: Any, directory: str | os.PathLi
 
     from .builders import tied_names
 
+    from ..quant.quantize import saved_quantization
+
     aliases = tied_names(model)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
              if name not in aliases}
+    quantization = saved_quantization(model)            # codes and scales, as the layers hold them
+    extra = {} if quantization is None else {"quantization": quantization}
     with atomic_directory(directory) as temporary:
         save_file(state, str(temporary / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(temporary / "config.json", {"format": FORMAT, **model.config.to_dict()})
+        write_json_atomic(temporary / "config.json", {"format": FORMAT, **model.config.to_dict(), **extra})
         if tokenizer is not None:
             tokenizer.save(temporary / "tokenizer")
     return Path(directory)
@@ -410,6 +446,9 @@ def export(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, forma
         return save_pretrained(model, tokenizer, directory)
     if format != "hf":
         raise UserError(f"unknown format '{format}'; use 'lmforge' or 'hf'")
+    if getattr(model, "quantization", None):
+        raise UserError(f"a {model.quantization}-quantized model saves in the lmforge format only (transformers "
+                        "has no reader for it); use --format lmforge, or leave out --quantize")
     from .hf import export_hf, hf_family_for
 
     hf_family_for(model.config)   # fail before touching the output directory

@@ -6,6 +6,7 @@
     layer = Int8Linear.from_linear(linear)     # LLM.int8(): int8 x int8 + fp outlier columns
     model = quantize_model(model, "q4_0")      # int8 | llm-int8 | nf4 | q4_0, every nn.Linear
     model = quantize_model(model, "q4_0", calibration_ids=calibration_ids(tokenizer))  # activation-aware
+    tune_scales(model, float_model, ids, steps=30)   # then train the q4_0 block scales (KL to the float model)
 
 Names are imported on first use, so importing lmforge.quant does not load torch.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "Q4Linear": "lmforge.quant.weight_only",
     "quantize_model": "lmforge.quant.quantize",
     "calibration_ids": "lmforge.quant.calibrate",
+    "tune_scales": "lmforge.quant.tune",
 }
 
 __all__ = sorted(_LAZY)

@@ -27,7 +27,9 @@ ROWS = {
     "q4_0": ("q4_0", 6.0),
     "q4_0-cal": ("q4_0", 6.0),
     "q4_1": ("q4_1", 6.0),
+    "q4_0-tuned": ("q4_0", 6.0),      # "-cal", then --tune-steps of scale tuning (lmforge.quant.tune); not by default
 }
+DEFAULT_ROWS = [label for label in ROWS if not label.endswith("-tuned")]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +43,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=6.0, help="LLM.int8() outlier threshold |x| >= T")
     parser.add_argument("--census-tokens", type=int, default=512, help="held-out tokens the outlier census reads")
     parser.add_argument("--ppl-tokens", type=int, default=1025, help="held-out tokens for perplexity (windows of 256)")
-    parser.add_argument("--methods", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--calibrate", type=int, default=4096, metavar="TOKENS",
                         help="tokens of --calibration-text whose activations weight the rounding of the -cal rows")
     parser.add_argument("--calibration-text", default="wiki", metavar="TEXT", help=CALIBRATION_TEXT_HELP)
+    parser.add_argument("--tune-steps", type=int, default=30, metavar="STEPS",
+                        help="steps of scale tuning for the q4_0-tuned row, on the --calibrate tokens "
+                             "(lmforge.quant.tune)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(func=run)
 
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args.methods)
     if args.threshold <= 0:
         raise UserError(f"--threshold {args.threshold} must be above 0; use 6.0 (LLM.int8()'s default)")
+    if args.tune_steps < 1 and "q4_0-tuned" in methods:
+        raise UserError(f"--tune-steps {args.tune_steps} is below 1; the q4_0-tuned row needs e.g. 30")
     if args.census_tokens < 1 or args.ppl_tokens < 2:
         raise UserError("--census-tokens must be >= 1 and --ppl-tokens >= 257 (one window of 256 + 1)")
     if args.threads is not None:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"outlier census on {args.census_tokens} held-out tokens ...", file=sys.stderr)
     census = outlier_census(model, ids[: args.census_tokens], args.threshold)
     calibration = None
-    if any(label.endswith("-cal") for label in methods):
+    if any(label.endswith(("-cal", "-tuned")) for label in methods):
         from .calibrate import calibration_ids
 
         calibration = calibration_ids(tokenizer, args.calibrate, args.calibration_text)
@@ -89,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         method, threshold = ROWS[label]
         threshold = args.threshold if threshold else 0.0
         start = time.perf_counter()
-        quantized = quantized_copy(model, method, threshold, calibration if label.endswith("-cal") else None)
+        calibrated = label.endswith(("-cal", "-tuned"))
+        quantized = quantized_copy(model, method, threshold, calibration if calibrated else None,
+                                   tune_steps=args.tune_steps if label.endswith("-tuned") else 0)
         ppl = perplexity(quantized, ids[: args.ppl_tokens])
         results.append((label, ppl))
         print(f"{label:<18} perplexity {ppl:8.3f}  ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
@@ -136,6 +145,11 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
                   f"by the inputs' mean square on {args.calibrate} tokens of '{args.calibration_text}' "
                   "(lmforge.quant.calibrate); "
                   "nf4-cal also folds AWQ channel scales into the norms and rows first (lmforge.quant.scaling)."]
+    if any(label.endswith("-tuned") for label, _ in results):
+        lines += ["", f"q4_0-tuned: q4_0-cal, then {args.tune_steps} steps training every block scale "
+                  "(the codes fixed) "
+                  f"so the quantized model's next-token distributions match fp32's on those {args.calibrate} tokens "
+                  "(forward KL; lmforge.quant.tune)."]
     return "\n".join(lines) + "\n"
 
 

@@ -123,12 +123,20 @@ def outlier_census(model: nn.Module, ids: list[int], threshold: float = 6.0) -> 
 
 
 def quantized_copy(model: nn.Module, method: str, threshold: float = 6.0,
-                   calibration_ids: list[int] | None = None) -> nn.Module:
+                   calibration_ids: list[int] | None = None, tune_steps: int = 0) -> nn.Module:
     """A deep copy of `model` with `method` applied ("fp32" = the copy unchanged); with
-    `calibration_ids`, nf4 / q4_0 round activation-aware (lmforge.quant.calibrate)."""
+    `calibration_ids`, nf4 / q4_0 round activation-aware (lmforge.quant.calibrate), and with
+    `tune_steps` too, q4_0's scales are then trained against `model` on them (lmforge.quant.tune)."""
     from .quantize import quantize_model
 
     clone = copy.deepcopy(model)
     if method == "fp32":
         return clone
-    return quantize_model(clone, method, threshold=threshold, calibration_ids=calibration_ids)
+    clone = quantize_model(clone, method, threshold=threshold, calibration_ids=calibration_ids)
+    if tune_steps:
+        from .tune import tune_scales
+
+        if calibration_ids is None:
+            raise UserError("scale tuning trains on calibration tokens; pass calibration_ids too")
+        tune_scales(clone, model, calibration_ids, steps=tune_steps)
+    return clone

@@ -14,7 +14,13 @@ Methods:
 Activation-aware rounding (nf4, q4_0): `quantize_model(model, "q4_0", calibration_ids=ids)` picks
 each block's scale by the rounding error weighted by the inputs' mean square on `ids` (the CLI's
 `--calibrate N` uses N Wikipedia tokens, or others with `--calibration-text`); same format,
-lmforge.quant.calibrate explains it.
+lmforge.quant.calibrate explains it. Scale tuning (q4_0, `--tune-steps K`, lmforge.quant.tune)
+then trains the block scales against the float model on the same tokens, codes fixed.
+
+A quantized model saves in the lmforge format (`save_pretrained`, `lmforge convert --quantize`):
+model.safetensors holds the codes and scales as the layers do, and config.json's "quantization"
+({"method", "head_bits", "recipe"}, `saved_quantization`) tells `lmforge.load` how to rebuild the
+layers (`quantized_skeleton`), so calibration and tuning are paid once, not at every load.
 
 The output layer is quantized too (with tied embeddings it gets its own quantized copy; the input
 embedding stays in float, since a lookup reads one row per token). With a 4-bit method it gets
@@ -24,6 +30,7 @@ int8 unless head_bits=4: the logits are the most sensitive matmul, as in llama.c
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
@@ -144,12 +151,57 @@ def quantize_model(model: nn.Module, method: Method, threshold: float = 6.0, fas
     return (model, summary) if return_summary else model
 
 
+def saved_quantization(model: nn.Module) -> dict | None:
+    """What config.json records of a quantized model (lmforge.model.loading), None if it is not one:
+    {"method", "head_bits"} rebuild its layers; "recipe" (calibration, tuning) says how it was made."""
+    method = getattr(model, "quantization", None)
+    if method is None:
+        return None
+    if method not in CLI_METHODS:
+        raise UserError(f"a model quantized with '{method}' cannot be saved; save one quantized with "
+                        f"{', '.join(CLI_METHODS)}")
+    from .weight_only import Int8WeightLinear
+
+    head = getattr(model, "lm_head", None)
+    head_bits = 8 if method == "int8" or isinstance(head, Int8WeightLinear) else 4
+    return {"method": method, "head_bits": head_bits, "recipe": dict(getattr(model, "quantization_recipe", {}))}
+
+
+def quantized_skeleton(model: nn.Module, saved: dict, where: str) -> nn.Module:
+    """`model` (just built, any weights) given the quantized layers that `saved` (config.json's
+    "quantization", from saved_quantization) describes, ready for the saved state dict."""
+    method, head_bits = saved.get("method") if isinstance(saved, dict) else None, None
+    if method not in CLI_METHODS:
+        raise UserError(f"{where} has quantization method {method!r}; expected one of {', '.join(CLI_METHODS)} "
+                        "(re-save the model with lmforge convert --quantize)")
+    head_bits = saved.get("head_bits", 8)
+    if head_bits not in (4, 8):
+        raise UserError(f"{where} has quantization head_bits {head_bits!r}; expected 4 or 8")
+    with torch.no_grad():
+        for module in model.modules():      # the values are overwritten by the load: skip the random init's
+            if isinstance(module, nn.Linear):  # outliers, which take no longer than zeros to quantize
+                module.weight.zero_()
+        quantize_model(model, method, head_bits=head_bits)
+    model.quantization_recipe = dict(saved.get("recipe") or {})
+    return model
+
+
 def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None,
-                    calibrate: int = 0, tokenizer=None, calibration_text: str | None = None) -> nn.Module:
-    """What `--dtype`, `--quantize` and `--calibrate` do to a loaded model: cast the float weights
-    to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None = leave them),
-    nf4 / q4_0 rounding weighted by the activations of `calibrate` tokens (0 = off) of
-    `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path; None = wiki)."""
+                    calibrate: int = 0, tokenizer=None, calibration_text: str | None = None,
+                    tune_steps: int = 0) -> nn.Module:
+    """What `--dtype`, `--quantize`, `--calibrate` and `--tune-steps` do to a loaded model: cast the
+    float weights to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None =
+    leave them), nf4 / q4_0 rounding weighted by the activations of `calibrate` tokens (0 = off) of
+    `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path; None = wiki),
+    then (q4_0) train the block scales for `tune_steps` steps against the float model on those
+    tokens (tune.py; 0 = off)."""
+    from .tune import TUNED
+
+    if tune_steps < 0:
+        raise UserError(f"--tune-steps {tune_steps} is below 0; use 0 (off) or e.g. 30")
+    if tune_steps and (quantize not in TUNED or not calibrate):
+        raise UserError(f"--tune-steps trains the scales of --quantize {' or '.join(TUNED)} on the --calibrate "
+                        "tokens; add --quantize q4_0 --calibrate TOKENS (e.g. 16384), or leave --tune-steps out")
     if calibrate < 0:
         raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
     if calibration_text is not None and not calibrate:
@@ -158,6 +210,9 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
     if calibrate and quantize not in CALIBRATED:
         raise UserError(f"--calibrate applies to --quantize {' or '.join(CALIBRATED)}; "
                         f"add one of them, or leave --calibrate out")
+    if quantize is not None and getattr(model, "quantization", None):
+        raise UserError(f"the model is already quantized ({model.quantization}); leave out --quantize "
+                        "(and --calibrate, --tune-steps), or load its float version")
     if dtype is not None and dtype != "fp32":
         model = model.to(parse_dtype(dtype))
     if quantize is not None:
@@ -168,5 +223,12 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
             if tokenizer is None:
                 raise UserError("--calibrate needs the model's tokenizer; pass a model that has one")
             ids = calibration_ids(tokenizer, calibrate, calibration_text or "wiki")
+        teacher = copy.deepcopy(model) if tune_steps else None      # the float model, before quantizing
         model = quantize_model(model, check_method(quantize), calibration_ids=ids)
+        if teacher is not None:
+            from .tune import tune_scales
+
+            tune_scales(model, teacher, ids, steps=tune_steps)
+        model.quantization_recipe = {"calibrate": calibrate, "tune_steps": tune_steps,
+                                     **({"calibration_text": calibration_text or "wiki"} if calibrate else {})}
     return model

@@ -138,6 +138,12 @@ class Int8WeightLinear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_kernel", scale.to(KERNEL_DTYPE), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # a saved quantized model (lmforge.model.loading) loads into a layer built with other values
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.pack_for_kernel())
+
+    def pack_for_kernel(self) -> None:
+        """(Re)build the fast path's bf16 copy of the scales."""
+        self.scale_kernel = self.scale.to(KERNEL_DTYPE)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fast: bool = True) -> "Int8WeightLinear":
@@ -181,12 +187,20 @@ class Q4Linear(nn.Module):
         self.register_buffer("weight_q4", pack_nibbles(codes))
         self.register_buffer("scales", scales.float())
         self.register_buffer("zeros", zeros.float())
-        if self.fast:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-            scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=2).contiguous()   # [in/g, out, 2]
-            self.register_buffer("weight_kernel", packed, persistent=False)
-            self.register_buffer("scales_and_zeros", scales_and_zeros.to(KERNEL_DTYPE), persistent=False)
+        self.pack_for_kernel()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # a saved quantized model (lmforge.model.loading) loads into a layer built with other values
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.pack_for_kernel())
+
+    def pack_for_kernel(self) -> None:
+        """(Re)build the fast path's copy of the codes and scales from weight_q4, scales, zeros."""
+        if not self.fast:
+            return
+        codes = unpack_nibbles(self.weight_q4).to(torch.int32).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=2).contiguous()   # [in/g, out, 2]
+        self.register_buffer("weight_kernel", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(KERNEL_DTYPE), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = Q4_GROUP, fast: bool = True) -> "Q4Linear":
