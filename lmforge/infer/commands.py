@@ -134,14 +134,11 @@ def load_engine(args: argparse.Namespace, max_batch_size: int = 16, max_seq_len:
     tune_steps = getattr(args, "tune_steps", 0) or 0
     precision_asked = getattr(args, "quantize", None) or getattr(args, "dtype", "fp32") != "fp32"
     if precision_asked or calibrate or calibration_text is not None or tune_steps:
-        from ..quant.quantize import apply_precision
+        from ..quant.quantize import apply_precision, quantizing_message
 
-        if calibrate and getattr(args, "quantize", None):
-            scales = "AWQ channel scales and block scales" if args.quantize == "nf4" else "block scales"
-            print(f"quantizing to {args.quantize}: {scales} weighted by the activations of {calibrate:,} "
-                  f"'{calibration_text or 'wiki'}' tokens"
-                  + (f", then {tune_steps} steps of scale tuning against the float model" if tune_steps else "")
-                  + " ...", file=sys.stderr, flush=True)
+        message = quantizing_message(getattr(args, "quantize", None), calibrate, calibration_text, tune_steps)
+        if message:
+            print(message, file=sys.stderr, flush=True)
         model = apply_precision(model, getattr(args, "dtype", "fp32"), getattr(args, "quantize", None),
                                 calibrate=calibrate, tokenizer=tokenizer,
                                 calibration_text=calibration_text, tune_steps=tune_steps)

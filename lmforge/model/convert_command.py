@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -66,8 +67,11 @@ def run_convert(args: argparse.Namespace) -> int:
             raise UserError(f"'{args.merge_adapter}' is a prompt-learning adapter, which has no weights to merge "
                             "into; use it with generate/chat/serve --adapter instead")
     if quantized:
-        from ..quant.quantize import apply_precision
+        from ..quant.quantize import apply_precision, quantizing_message
 
+        message = quantizing_message(args.quantize, args.calibrate, args.calibration_text, args.tune_steps)
+        if message:
+            print(message, file=sys.stderr, flush=True)
         model = apply_precision(model, None, args.quantize, calibrate=args.calibrate, tokenizer=tokenizer,
                                 calibration_text=args.calibration_text, tune_steps=args.tune_steps)
     if args.format == "hf":

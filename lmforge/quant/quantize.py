@@ -186,6 +186,17 @@ def quantized_skeleton(model: nn.Module, saved: dict, where: str) -> nn.Module:
     return model
 
 
+def quantizing_message(quantize: str | None, calibrate: int, calibration_text: str | None,
+                       tune_steps: int) -> str | None:
+    """The progress line the CLI prints before a calibrated (slow) quantization; None otherwise."""
+    if not (quantize and calibrate):
+        return None
+    scales = "AWQ channel scales and block scales" if quantize == "nf4" else "block scales"
+    tuning = f", then {tune_steps} steps of scale tuning against the float model" if tune_steps else ""
+    return (f"quantizing to {quantize}: {scales} weighted by the activations of {calibrate:,} "
+            f"'{calibration_text or 'wiki'}' tokens{tuning} ...")
+
+
 def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None,
                     calibrate: int = 0, tokenizer=None, calibration_text: str | None = None,
                     tune_steps: int = 0) -> nn.Module:
