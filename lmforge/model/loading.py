@@ -339,8 +339,11 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
     from .hf.importing import expected_shapes
 
     state = read_safetensors(file)
-    if "quantization" in data:
-        return _load_quantized(source, config, data["quantization"], state)
+    if "quantization" in data:               # saved after --quantize: its layers rebuilt, then loaded
+        from ..quant.quantize import load_quantized
+
+        return load_quantized(build_model(config), data["quantization"], state,
+                              f"'{source.path / 'config.json'}'", f"'{source.weights}'")
     blocks = {int(name.split(".")[2]) for name in state if name.startswith("transformer.blocks.")}
     if len(blocks) != config.n_layers:      # checked first: building 10^8 layers, even on meta, never ends
         raise UserError(f"'{source.path / 'config.json'}' says n_layers={config.n_layers} but '{file}' holds "
@@ -360,30 +363,6 @@ def _load_lmforge(source: ModelSource) -> nn.Module:
         raise UserError(f"'{file}' lacks the tensor '{absent[0]}' ({len(absent)} missing); "
                         "the file is incomplete or belongs to another model")
     model.load_state_dict(state, strict=False)
-    return model
-
-
-def _load_quantized(source: ModelSource, config: ModelConfig, saved: Any, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A model saved after `--quantize` (lmforge convert): its layers rebuilt as config.json's
-    "quantization" says, then the saved codes and scales loaded into them."""
-    from ..quant.quantize import quantized_skeleton
-    from .builders import build_model
-
-    model = quantized_skeleton(build_model(config), saved, f"'{source.path / 'config.json'}'")
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name not in expected:
-            raise UserError(f"'{source.weights}' has a tensor '{name}' that the quantized model in config.json does "
-                            "not have; the weights and config.json do not match")
-        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            raise UserError(f"tensor '{name}' in '{source.weights}' is {list(tensor.shape)} {tensor.dtype} but "
-                            f"config.json implies {list(expected[name].shape)} {expected[name].dtype}; "
-                            "the weights and config.json do not match")
-    absent = sorted(set(expected) - set(state))
-    if absent:
-        raise UserError(f"'{source.weights}' lacks the tensor '{absent[0]}' ({len(absent)} missing); "
-                        "the file is incomplete or belongs to another model")
-    model.load_state_dict(state)
     return model
 
 

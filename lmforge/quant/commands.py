@@ -28,6 +28,7 @@ ROWS = {
     "q4_0-cal": ("q4_0", 6.0),
     "q4_1": ("q4_1", 6.0),
     "q4_0-tuned": ("q4_0", 6.0),      # "-cal", then --tune-steps of scale tuning (lmforge.quant.tune); not by default
+    "nf4-tuned": ("nf4", 6.0),
 }
 DEFAULT_ROWS = [label for label in ROWS if not label.endswith("-tuned")]
 
@@ -48,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens of --calibration-text whose activations weight the rounding of the -cal rows")
     parser.add_argument("--calibration-text", default="wiki", metavar="TEXT", help=CALIBRATION_TEXT_HELP)
     parser.add_argument("--tune-steps", type=int, default=30, metavar="STEPS",
-                        help="steps of scale tuning for the q4_0-tuned row, on the --calibrate tokens "
+                        help="steps of scale tuning for the -tuned rows, on the --calibrate tokens "
                              "(lmforge.quant.tune)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.set_defaults(func=run)
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args.methods)
     if args.threshold <= 0:
         raise UserError(f"--threshold {args.threshold} must be above 0; use 6.0 (LLM.int8()'s default)")
-    if args.tune_steps < 1 and "q4_0-tuned" in methods:
-        raise UserError(f"--tune-steps {args.tune_steps} is below 1; the q4_0-tuned row needs e.g. 30")
+    if args.tune_steps < 1 and any(label.endswith("-tuned") for label in methods):
+        raise UserError(f"--tune-steps {args.tune_steps} is below 1; the -tuned rows need e.g. 30")
     if args.census_tokens < 1 or args.ppl_tokens < 2:
         raise UserError("--census-tokens must be >= 1 and --ppl-tokens >= 257 (one window of 256 + 1)")
     if args.threads is not None:
@@ -146,10 +147,9 @@ def render_report(args: argparse.Namespace, census, results: list[tuple[str, flo
                   "(lmforge.quant.calibrate); "
                   "nf4-cal also folds AWQ channel scales into the norms and rows first (lmforge.quant.scaling)."]
     if any(label.endswith("-tuned") for label, _ in results):
-        lines += ["", f"q4_0-tuned: q4_0-cal, then {args.tune_steps} steps training every block scale "
-                  "(the codes fixed) "
-                  f"so the quantized model's next-token distributions match fp32's on those {args.calibrate} tokens "
-                  "(forward KL; lmforge.quant.tune)."]
+        lines += ["", f"-tuned: the -cal row, then {args.tune_steps} steps training every block scale (the codes "
+                  f"fixed) so the quantized model's next-token distributions match fp32's on those {args.calibrate} "
+                  "tokens (forward KL; lmforge.quant.tune)."]
     return "\n".join(lines) + "\n"
 
 

@@ -126,7 +126,7 @@ def quantized_copy(model: nn.Module, method: str, threshold: float = 6.0,
                    calibration_ids: list[int] | None = None, tune_steps: int = 0) -> nn.Module:
     """A deep copy of `model` with `method` applied ("fp32" = the copy unchanged); with
     `calibration_ids`, nf4 / q4_0 round activation-aware (lmforge.quant.calibrate), and with
-    `tune_steps` too, q4_0's scales are then trained against `model` on them (lmforge.quant.tune)."""
+    `tune_steps` too, q4_0's / nf4's scales are then trained against `model` on them (lmforge.quant.tune)."""
     from .quantize import quantize_model
 
     clone = copy.deepcopy(model)

@@ -14,7 +14,7 @@ Methods:
 Activation-aware rounding (nf4, q4_0): `quantize_model(model, "q4_0", calibration_ids=ids)` picks
 each block's scale by the rounding error weighted by the inputs' mean square on `ids` (the CLI's
 `--calibrate N` uses N Wikipedia tokens, or others with `--calibration-text`); same format,
-lmforge.quant.calibrate explains it. Scale tuning (q4_0, `--tune-steps K`, lmforge.quant.tune)
+lmforge.quant.calibrate explains it. Scale tuning (q4_0, nf4; `--tune-steps K`, lmforge.quant.tune)
 then trains the block scales against the float model on the same tokens, codes fixed.
 
 A quantized model saves in the lmforge format (`save_pretrained`, `lmforge convert --quantize`):
@@ -186,6 +186,28 @@ def quantized_skeleton(model: nn.Module, saved: dict, where: str) -> nn.Module:
     return model
 
 
+def load_quantized(model: nn.Module, saved: dict, state: dict[str, torch.Tensor], where: str,
+                   weights: str) -> nn.Module:
+    """`model` (just built from config.json at `where`) as the quantized model whose tensors `state`
+    (read from `weights`) holds: layers rebuilt as `saved` says, every tensor checked, then loaded."""
+    model = quantized_skeleton(model, saved, where)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise UserError(f"{weights} has a tensor '{name}' that the quantized model in {where} does not have; "
+                            "the weights and config.json do not match")
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise UserError(f"tensor '{name}' in {weights} is {list(tensor.shape)} {tensor.dtype} but {where} "
+                            f"implies {list(expected[name].shape)} {expected[name].dtype}; "
+                            "the weights and config.json do not match")
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise UserError(f"{weights} lacks the tensor '{absent[0]}' ({len(absent)} missing); "
+                        "the file is incomplete or belongs to another model")
+    model.load_state_dict(state)
+    return model
+
+
 def quantizing_message(quantize: str | None, calibrate: int, calibration_text: str | None,
                        tune_steps: int) -> str | None:
     """The progress line the CLI prints before a calibrated (slow) quantization; None otherwise."""
@@ -204,7 +226,7 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
     float weights to `dtype` (fp32, bf16, fp16), then quantize every Linear with `quantize` (None =
     leave them), nf4 / q4_0 rounding weighted by the activations of `calibrate` tokens (0 = off) of
     `calibration_text` (calibrate.calibration_ids: "wiki", "wiki+chat" or a .txt path; None = wiki),
-    then (q4_0) train the block scales for `tune_steps` steps against the float model on those
+    then (q4_0, nf4) train the block scales for `tune_steps` steps against the float model on those
     tokens (tune.py; 0 = off)."""
     from .tune import TUNED
 
@@ -212,7 +234,7 @@ def apply_precision(model: nn.Module, dtype: str | None = None, quantize: str | 
         raise UserError(f"--tune-steps {tune_steps} is below 0; use 0 (off) or e.g. 30")
     if tune_steps and (quantize not in TUNED or not calibrate):
         raise UserError(f"--tune-steps trains the scales of --quantize {' or '.join(TUNED)} on the --calibrate "
-                        "tokens; add --quantize q4_0 --calibrate TOKENS (e.g. 16384), or leave --tune-steps out")
+                        "tokens; add e.g. --quantize q4_0 --calibrate 16384, or leave --tune-steps out")
     if calibrate < 0:
         raise UserError(f"--calibrate {calibrate} is below 0; use 0 (round to nearest) or e.g. 4096 tokens")
     if calibration_text is not None and not calibrate:

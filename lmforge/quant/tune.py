@@ -1,4 +1,4 @@
-"""Scale tuning: train Q4_0's block scales end to end, with the float model as the teacher.
+"""Scale tuning: train Q4_0's or NF4's block scales end to end, with the float model as the teacher.
 
     from lmforge.quant import quantize_model, tune_scales
     teacher = copy.deepcopy(model)                                  # the float model
@@ -13,7 +13,8 @@ quantized model's next-token distributions match the float model's on the calibr
 forward KL(float || quantized), the distillation objective of train/distill.py with
 kd_ratio = 1, run by the one Trainer. This is EfficientQAT's end-to-end step "E2E-QP" (Chen et
 al. 2024). The format is unchanged: a Q4_0 block still holds 32 codes and one scale, so the fast
-kernel and the file layout stay as they are.
+kernel and the file layout stay as they are. For NF4 the trained scale is each 64-block's absmax,
+double-quantized to 8 bits again after training (so bitsandbytes still reads the result).
 
 Each scale is trained as s = s0 * exp(u), starting from u = 0. Adam's steps are then relative
 changes (lr 1e-3 moves a scale by about 0.1% a step), the same for a scale of 1e-3 as for one of
@@ -21,8 +22,8 @@ changes (lr 1e-3 moves a scale by about 0.1% a step), the same for a scale of 1e
 
 While tuning, the weights are dequantized in each forward (autograd needs the float weight; the
 packed kernels have no backward), and the int8 output layer runs its readable path too. On 2 CPU
-cores one step of 4 x 256 tokens takes ~9 s for SmolLM2-135M; 30 steps roughly halve what Q4_0
-loses in held-out perplexity (docs/LOG.md, session 22).
+cores one step of 4 x 256 tokens takes ~10 s for SmolLM2-135M; 30 steps take Q4_0 from +8.5% to
++6.1% in held-out perplexity (docs/LOG.md, session 22).
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .nf4 import NF4Linear, nf4_code, quantize_nf4, unpack_nf4
 from .weight_only import Int8WeightLinear, Q4Linear, unpack_nibbles
 
-TUNED = ("q4_0",)                       # the methods whose scales tune_scales trains
-TUNE_STEPS_HELP = ("with --quantize q4_0 --calibrate TOKENS: then train the block scales for STEPS steps (4 x 256 "
-                   "tokens each) so the quantized model's predictions match the float model's on those tokens; "
-                   "the codes stay (SmolLM2 on 2 cores: ~9 s a step; e.g. 30; 0 = off)")
+TUNED = ("q4_0", "nf4")                 # the methods whose scales tune_scales trains
+TUNE_STEPS_HELP = ("with --quantize q4_0 or nf4 and --calibrate TOKENS: then train the block scales for STEPS "
+                   "steps (4 x 256 tokens each) so the quantized model's predictions match the float model's on "
+                   "those tokens; the codes stay (SmolLM2 on 2 cores: ~10 s a step; e.g. 30; 0 = off)")
 
 
 class TunableQ4Linear(nn.Module):
@@ -69,6 +71,46 @@ class TunableQ4Linear(nn.Module):
         zeros = self.layer.zeros if self.layer.zeros.any() else None
         codes = (self.levels + 8).to(torch.uint8)
         return Q4Linear(codes, self.scales().detach(), zeros, self.layer.bias, self.layer.fast)
+
+
+class TunableNF4Linear(nn.Module):
+    """An NF4Linear whose block absmax trains: W = code[idx] * absmax0 * exp(log_gain) per block of
+    64 (over the flattened weight, as NF4 stores it). `tuned()` quantizes the trained weight again
+    with the trained absmax as its scales: the codes come back unchanged (each value is exactly a
+    level), and the new absmax is double-quantized to 8 bits as before."""
+
+    def __init__(self, layer: NF4Linear):
+        super().__init__()
+        self.layer = layer
+        q = layer.qweight
+        levels = nf4_code().to(q.data.device)[unpack_nf4(q).long()]
+        pad = -levels.numel() % q.blocksize
+        self.register_buffer("levels", F.pad(levels, (0, pad)).view(-1, q.blocksize), persistent=False)
+        self.register_buffer("absmax0", q.block_absmax().float(), persistent=False)
+        self.log_gain = nn.Parameter(torch.zeros_like(self.absmax0))
+
+    def scales(self) -> torch.Tensor:
+        return self.absmax0 * self.log_gain.exp()
+
+    def weight(self) -> torch.Tensor:
+        out_features, in_features = self.layer.out_features, self.layer.in_features
+        flat = (self.levels * self.scales().unsqueeze(1)).view(-1)
+        return flat[: out_features * in_features].view(out_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        bias = None if self.layer.bias is None else self.layer.bias.to(x.dtype)
+        return F.linear(x, self.weight().to(x.dtype), bias)
+
+    def tuned(self) -> NF4Linear:
+        q = self.layer.qweight
+        with torch.no_grad():
+            quantized = quantize_nf4(self.weight(), q.blocksize, q.double_quant, scale=self.scales())
+        quantized.dtype = q.dtype
+        return NF4Linear(quantized, self.layer.bias)
+
+
+TUNABLE = {Q4Linear: TunableQ4Linear, NF4Linear: TunableNF4Linear}
 
 
 class CalibrationWindows:
@@ -109,7 +151,7 @@ def _swap(model: nn.Module, kind: type, make) -> int:
 
 def tune_scales(model: nn.Module, teacher: nn.Module, ids: list[int], steps: int = 30, lr: float = 1e-3,
                 batch_size: int = 4, window: int = 256, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train the block scales of `model`'s Q4_0 layers (in place) so that its next-token
+    """Train the block scales of `model`'s Q4_0 / NF4 layers (in place) so that its next-token
     distributions match `teacher`'s (the float model it was quantized from) on `ids`; the codes
     stay. Returns the KL per token at each logged step (the first step's first)."""
     from ..track.progress import TrainProgress
@@ -121,7 +163,7 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: list[int], steps: int
         raise UserError(f"scale tuning steps {steps} is below 1; use e.g. 30, or leave tuning out")
     if getattr(model, "quantization", None) not in TUNED:
         raise UserError(f"scale tuning applies to a model quantized with {' or '.join(TUNED)}, not "
-                        f"'{getattr(model, 'quantization', None)}'; quantize with q4_0 first")
+                        f"'{getattr(model, 'quantization', None)}'; quantize with {' or '.join(TUNED)} first")
     window = min(window, model.config.max_seq_len)
     batches = CalibrationWindows(ids, window, batch_size, seed)
     was_training = model.training
@@ -132,7 +174,8 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: list[int], steps: int
     frozen = [p for p in model.parameters() if p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
-    _swap(model, Q4Linear, TunableQ4Linear)
+    for kind, tunable in TUNABLE.items():
+        _swap(model, kind, tunable)
     device = next(model.parameters()).device
     config = TrainConfig(name="tune-scales", device=str(device), batch_size=batch_size, max_steps=steps, lr=lr,
                          min_lr=0.0, beta2=0.999, weight_decay=0.0, grad_clip=0.0, warmup_steps=0,
@@ -149,7 +192,8 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: list[int], steps: int
                                                         if p.requires_grad})
             result = trainer.fit()
     finally:
-        _swap(model, TunableQ4Linear, lambda module: module.tuned())
+        for tunable in TUNABLE.values():
+            _swap(model, tunable, lambda module: module.tuned())
         for module, fast in zip(heads, fast_heads):
             module.fast = fast
         for param in frozen:

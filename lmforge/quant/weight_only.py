@@ -165,9 +165,8 @@ class Int8WeightLinear(nn.Module):
             x2 = x.reshape(-1, self.in_features)
             if self.gemv and x2.shape[0] <= GEMV_ROWS:
                 y = torch.ops.lmforge.int8_gemv(x2.float(), self.weight_int8, self.scale)
-                y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-                return y if self.bias is None else y + self.bias.to(x.dtype)
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight_int8, self.scale_kernel)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight_int8, self.scale_kernel)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
