@@ -153,7 +153,8 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: list[int], steps: int
                 batch_size: int = 4, window: int = 256, seed: int = 0, progress: bool = True) -> list[float]:
     """Train the block scales of `model`'s Q4_0 / NF4 layers (in place) so that its next-token
     distributions match `teacher`'s (the float model it was quantized from) on `ids`; the codes
-    stay. Returns the KL per token at each logged step (the first step's first)."""
+    stay. The Trainer freezes `teacher` in place (eval mode, no grads), as it does every frozen
+    model. Returns the KL per token at each logged step (the first step's first)."""
     from ..track.progress import TrainProgress
     from ..train.config import TrainConfig
     from ..train.distill import DistillConfig, DistillObjective
