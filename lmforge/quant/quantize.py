@@ -170,7 +170,7 @@ def saved_quantization(model: nn.Module) -> dict | None:
 def quantized_skeleton(model: nn.Module, saved: dict, where: str) -> nn.Module:
     """`model` (just built, any weights) given the quantized layers that `saved` (config.json's
     "quantization", from saved_quantization) describes, ready for the saved state dict."""
-    method, head_bits = saved.get("method") if isinstance(saved, dict) else None, None
+    method = saved.get("method") if isinstance(saved, dict) else None
     if method not in CLI_METHODS:
         raise UserError(f"{where} has quantization method {method!r}; expected one of {', '.join(CLI_METHODS)} "
                         "(re-save the model with lmforge convert --quantize)")
